@@ -1,0 +1,623 @@
+//! `wal-push` and `wal-fetch`: PostgreSQL's `archive_command` and `restore_command`.
+//!
+//! Push: a WAL file is compressed and stored create-only; the call returns only
+//! once it is durable. While pushing the file PostgreSQL asked for, the next
+//! `.ready` files are pushed in parallel, and each one that becomes durable gets
+//! a marker in the spool (`archived/<name>`, holding its SHA-256 and the
+//! repository). When PostgreSQL later asks for that file, the marker is trusted
+//! only if the file still hashes the same and the repository is the same.
+//!
+//! Fetch: the file is decompressed, verified and renamed into place. A detached
+//! prefetcher keeps the next segments decompressed in the spool (`prefetch/`),
+//! so replay does not wait on one download at a time.
+//!
+//! Knows the storage API and the catalog's keys; not how objects are stored.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use tokio::task::JoinSet;
+
+use crate::catalog::{self, OwnerError};
+use crate::compress::{self, GzipError, Sha256Digest};
+use crate::pgdata;
+use crate::storage::{PutMode, Storage, StorageError};
+use crate::wal::{self, WalFileKind, WalFileName};
+
+/// Default number of files one `wal-push` call may push at once.
+pub const DEFAULT_ARCHIVE_PARALLEL: usize = 4;
+/// Default number of segments `wal-fetch` keeps prefetched.
+pub const DEFAULT_PREFETCH: usize = 8;
+/// Downloads the prefetcher runs at once.
+const PREFETCH_CONCURRENCY: usize = 4;
+
+/// The spool directory's default name, beside the WAL file (normally in `pg_wal`).
+pub const SPOOL_DIR_NAME: &str = "pitr_spool";
+
+/// A failure of `wal-push` or `wal-fetch`, with what to do in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The file name is not a WAL file name.
+    #[error("{path}: {source}")]
+    NotWalFile {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: wal::WalNameError,
+    },
+    /// The WAL file to push cannot be read.
+    #[error("cannot read {path}: {source}; {hint}")]
+    ReadSource {
+        /// The path.
+        path: String,
+        /// Why.
+        source: io::Error,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// A segment whose size does not match its header.
+    #[error(
+        "{path} is {len} bytes, but its header says segments are {expected} bytes; \
+         refusing to archive an incomplete segment"
+    )]
+    Truncated {
+        /// The path.
+        path: String,
+        /// Actual length.
+        len: u64,
+        /// Length from the header.
+        expected: u32,
+    },
+    /// `global/pg_control` cannot be read.
+    #[error(
+        "cannot read the cluster identity from {path}: {source}; run wal-push from the data \
+         directory (as archive_command does) or set --pgdata / PGDATA"
+    )]
+    PgControl {
+        /// The pg_control path.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A segment that was written by another cluster.
+    #[error(
+        "{path} was written by the cluster with system identifier {segment}, but this data \
+         directory's is {cluster}; refusing to archive it"
+    )]
+    ForeignSegment {
+        /// The path.
+        path: String,
+        /// From the segment header.
+        segment: u64,
+        /// From pg_control.
+        cluster: u64,
+    },
+    /// The repository already holds different content under this name.
+    #[error(
+        "{location} already holds a different {name} (stored sha256 {stored}, local sha256 \
+         {local}); refusing to overwrite archived WAL: two clusters may share this repository, \
+         or this cluster was restored without a new timeline; check PITR_REPO before anything \
+         else"
+    )]
+    Conflict {
+        /// The WAL file.
+        name: String,
+        /// Where it is stored.
+        location: String,
+        /// Digest of the stored content.
+        stored: Sha256Digest,
+        /// Digest of the local file.
+        local: Sha256Digest,
+    },
+    /// The repository belongs to another cluster.
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
+    /// The requested WAL file is not in the repository (normal at the end of recovery).
+    #[error("{name} is not in the repository ({location})")]
+    NotInRepository {
+        /// The WAL file.
+        name: String,
+        /// Where it was looked for.
+        location: String,
+    },
+    /// A stored object does not decompress to what was stored.
+    #[error("{location}: {source}; the stored copy is damaged: restore it from another copy or take a new base backup")]
+    Corrupt {
+        /// The object.
+        location: String,
+        /// What is wrong.
+        source: GzipError,
+    },
+    /// The destination cannot be written.
+    #[error("cannot write {path}: {source}; {hint}")]
+    WriteDest {
+        /// The path.
+        path: String,
+        /// Why.
+        source: io::Error,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// The object store failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ArchiveError {
+    /// Whether this is the quiet "not in the repository" answer to `restore_command`.
+    #[must_use]
+    pub fn is_not_in_repository(&self) -> bool {
+        matches!(self, ArchiveError::NotInRepository { .. })
+    }
+}
+
+/// Settings for `wal-push`.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// The data directory (for `global/pg_control`).
+    pub pgdata: PathBuf,
+    /// Where markers live; by default `pitr_spool` beside the WAL file.
+    pub spool: Option<PathBuf>,
+    /// Files pushed at once, the requested one included.
+    pub parallel: usize,
+    /// gzip level, 1-9.
+    pub level: u32,
+}
+
+/// What happened to the file PostgreSQL asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Compressed and stored now.
+    Stored,
+    /// The repository already held identical content.
+    AlreadyArchived,
+    /// An earlier call pushed it in parallel and it is still identical.
+    PushedEarlier,
+}
+
+/// The repository a command works on, with its URL for messages and markers.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    /// The store.
+    pub storage: Storage,
+    /// The URL as configured.
+    pub url: String,
+}
+
+/// Archives the WAL file at `path` (PostgreSQL's `%p`).
+///
+/// # Errors
+/// See [`ArchiveError`]; on any error nothing is reported archived.
+pub async fn wal_push(repo: &Repo, path: &Path, cfg: &PushConfig) -> Result<PushOutcome, ArchiveError> {
+    let name = wal_name_of_path(path)?;
+    let cluster = pgdata::system_identifier(&cfg.pgdata).map_err(|source| ArchiveError::PgControl {
+        path: cfg.pgdata.join("global/pg_control").display().to_string(),
+        source,
+    })?;
+    let wal_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let spool = cfg.spool.clone().unwrap_or_else(|| wal_dir.join(SPOOL_DIR_NAME));
+    catalog::ensure_owner(&repo.storage, &repo.url, cluster, &spool.join("repository-owner")).await?;
+
+    let markers = Arc::new(Markers::new(spool.join("archived"), &repo.url));
+    let mut neighbours = JoinSet::new();
+    if cfg.parallel > 1 {
+        for next in ready_neighbours(&wal_dir, &name, cfg.parallel - 1, &markers) {
+            let (repo, markers, level) = (repo.clone(), Arc::clone(&markers), cfg.level);
+            let file = wal_dir.join(next.as_str());
+            neighbours.spawn(async move {
+                match push_file(&repo, &next, &file, cluster, level).await {
+                    Ok((_, digest)) => markers.record(&next, digest),
+                    Err(e) => tracing::warn!(file = %next, error = %e, "parallel push failed; PostgreSQL will retry it"),
+                }
+            });
+        }
+    }
+
+    let outcome = match markers.take_if_current(&name, path) {
+        Some(()) => Ok(PushOutcome::PushedEarlier),
+        None => push_file(repo, &name, path, cluster, cfg.level).await.map(|(o, _)| o),
+    };
+    while neighbours.join_next().await.is_some() {}
+    markers.forget_archived(&wal_dir);
+    outcome
+}
+
+/// The `.ready` files after `name` that have no marker yet, at most `n`.
+fn ready_neighbours(wal_dir: &Path, name: &WalFileName, n: usize, markers: &Markers) -> Vec<WalFileName> {
+    let Ok(ready) = pgdata::ready_files(wal_dir) else {
+        return Vec::new();
+    };
+    ready
+        .into_iter()
+        .filter(|r| r != name && r.kind() != WalFileKind::TimelineHistory && !markers.exists(r))
+        .filter(|r| wal_dir.join(r.as_str()).is_file())
+        .take(n)
+        .collect()
+}
+
+async fn push_file(
+    repo: &Repo,
+    name: &WalFileName,
+    path: &Path,
+    cluster: u64,
+    level: u32,
+) -> Result<(PushOutcome, Sha256Digest), ArchiveError> {
+    let (raw, digest, gz) = {
+        let (file, file_name) = (path.to_path_buf(), name.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
+            let raw = read_wal_file(&file, &file_name, cluster)?;
+            let digest = Sha256Digest::of(&raw);
+            let gz = compress::gzip_with_digest(&raw, file_name.as_str(), digest, level);
+            Ok((raw.len(), digest, gz))
+        })
+        .await
+        .map_err(|e| join_error(path, e))??
+    };
+    let key = catalog::wal_key(name);
+    let location = repo.storage.location(&key);
+    tracing::debug!(file = %name, raw, stored = gz.len(), "pushing");
+    // Look first: stores that ignore If-None-Match must never be overwritten.
+    if repo.storage.head(&key).await?.is_none() {
+        match repo.storage.put(&key, Bytes::from(gz), PutMode::CreateOnly).await {
+            Ok(()) => return Ok((PushOutcome::Stored, digest)),
+            Err(StorageError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stored = stored_digest(&repo.storage, &key).await?;
+    if stored == digest {
+        Ok((PushOutcome::AlreadyArchived, digest))
+    } else {
+        Err(ArchiveError::Conflict {
+            name: name.to_string(),
+            location,
+            stored,
+            local: digest,
+        })
+    }
+}
+
+/// The digest of a stored WAL object: from its header, or by decompressing it
+/// when another tool wrote it.
+async fn stored_digest(storage: &Storage, key: &crate::storage::ObjectKey) -> Result<Sha256Digest, ArchiveError> {
+    let head = storage.get_prefix(key, compress::HEADER_PROBE_LEN).await?;
+    if let Some(digest) = compress::header_digest(&head) {
+        return Ok(digest);
+    }
+    let body = storage.get(key).await?;
+    let location = storage.location(key);
+    tokio::task::spawn_blocking(move || compress::gunzip_verified(&body, io::sink()))
+        .await
+        .map_err(|e| join_error(Path::new(&location), e))?
+        .map(|(digest, _)| digest)
+        .map_err(|source| ArchiveError::Corrupt {
+            location: storage.location(key),
+            source,
+        })
+}
+
+fn read_wal_file(path: &Path, name: &WalFileName, cluster: u64) -> Result<Vec<u8>, ArchiveError> {
+    let raw = std::fs::read(path).map_err(|source| {
+        let hint = match source.kind() {
+            io::ErrorKind::NotFound => {
+                "archive_command must be 'pitr-agent wal-push %p', run by PostgreSQL in the data directory"
+            }
+            io::ErrorKind::PermissionDenied => "run pitr-agent as the user that owns the data directory",
+            _ => "check the data directory's volume",
+        };
+        ArchiveError::ReadSource {
+            path: path.display().to_string(),
+            source,
+            hint,
+        }
+    })?;
+    if name.kind() == WalFileKind::Segment {
+        let header = wal::segment_header(&raw);
+        if let Some(h) = header {
+            if raw.len() as u64 != u64::from(h.segment_size) {
+                return Err(ArchiveError::Truncated {
+                    path: path.display().to_string(),
+                    len: raw.len() as u64,
+                    expected: h.segment_size,
+                });
+            }
+            if h.system_identifier != cluster {
+                return Err(ArchiveError::ForeignSegment {
+                    path: path.display().to_string(),
+                    segment: h.system_identifier,
+                    cluster,
+                });
+            }
+        }
+    }
+    Ok(raw)
+}
+
+/// Spool markers for files pushed ahead of PostgreSQL's request.
+struct Markers {
+    dir: PathBuf,
+    repo_url: String,
+}
+
+impl Markers {
+    fn new(dir: PathBuf, repo_url: &str) -> Self {
+        Markers {
+            dir,
+            repo_url: repo_url.to_owned(),
+        }
+    }
+
+    fn exists(&self, name: &WalFileName) -> bool {
+        self.dir.join(name.as_str()).exists()
+    }
+
+    /// Records that `name` with `digest` is durable in the repository. Written
+    /// only after the object is durable; losing a marker only costs a re-push.
+    fn record(&self, name: &WalFileName, digest: Sha256Digest) {
+        let body = format!("{digest}\n{}\n", self.repo_url);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let ok = std::fs::create_dir_all(&self.dir).is_ok()
+            && std::fs::write(&tmp, body).is_ok()
+            && std::fs::rename(&tmp, self.dir.join(name.as_str())).is_ok();
+        if !ok {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Consumes the marker of `name` if it matches the file at `path` now.
+    fn take_if_current(&self, name: &WalFileName, path: &Path) -> Option<()> {
+        let marker = self.dir.join(name.as_str());
+        let body = std::fs::read_to_string(&marker).ok()?;
+        let mut lines = body.lines();
+        let digest = Sha256Digest::from_hex(lines.next()?)?;
+        if lines.next()? != self.repo_url {
+            return None;
+        }
+        let current = Sha256Digest::of(&std::fs::read(path).ok()?);
+        let _ = std::fs::remove_file(&marker);
+        (current == digest).then_some(())
+    }
+
+    /// Removes markers whose file PostgreSQL no longer lists as `.ready`.
+    fn forget_archived(&self, wal_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let status = pgdata::archive_status(wal_dir);
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !status.join(format!("{name}.ready")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Settings for `wal-fetch`.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Where prefetched segments wait; by default `pitr_spool` beside `%p`.
+    pub spool: Option<PathBuf>,
+    /// How many segments to keep prefetched; 0 disables prefetch.
+    pub prefetch: usize,
+}
+
+/// Where `wal-fetch` found the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// Downloaded now.
+    Downloaded,
+    /// Taken from the prefetch spool.
+    Prefetched,
+}
+
+/// What the caller should do after a fetch: start a prefetcher for what follows.
+#[derive(Debug, Clone)]
+pub struct PrefetchRequest {
+    /// The segment just restored.
+    pub after: WalFileName,
+    /// The cluster's segment size, from the segment header.
+    pub segment_size: u32,
+    /// The spool directory.
+    pub spool: PathBuf,
+}
+
+/// Restores WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`), atomically.
+///
+/// # Errors
+/// [`ArchiveError::NotInRepository`] when the file does not exist, which
+/// PostgreSQL expects at the end of the archive; other variants are real failures.
+pub async fn wal_fetch(
+    repo: &Repo,
+    name: &str,
+    dest: &Path,
+    cfg: &FetchConfig,
+) -> Result<(FetchOutcome, Option<PrefetchRequest>), ArchiveError> {
+    let name: WalFileName = name.parse().map_err(|source| ArchiveError::NotWalFile {
+        path: name.to_owned(),
+        source,
+    })?;
+    let dest_dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let spool = cfg.spool.clone().unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
+    let prefetch_dir = PrefetchDir::open(&spool, &repo.url);
+
+    let spooled = prefetch_dir.as_ref().map(|p| p.dir.join(name.as_str()));
+    let outcome = match spooled.filter(|p| p.is_file()) {
+        Some(file) if std::fs::rename(&file, dest).is_ok() => FetchOutcome::Prefetched,
+        _ => {
+            download_to(repo, &name, dest).await?;
+            FetchOutcome::Downloaded
+        }
+    };
+    let request = (cfg.prefetch > 0 && name.kind() == WalFileKind::Segment)
+        .then(|| segment_size_of(dest))
+        .flatten()
+        .map(|segment_size| PrefetchRequest {
+            after: name,
+            segment_size,
+            spool,
+        });
+    Ok((outcome, request))
+}
+
+/// Fills the spool with the `count` segments after `req.after`, unless another
+/// prefetcher holds the spool's lock. Errors are logged, never returned: the
+/// foreground `wal-fetch` downloads anything that is missing.
+pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
+    let Some(dir) = PrefetchDir::open(&req.spool, &repo.url) else {
+        return;
+    };
+    let Ok(lock) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.dir.join(".lock"))
+    else {
+        return;
+    };
+    if lock.try_lock().is_err() {
+        return;
+    }
+    let mut window = Vec::with_capacity(count);
+    let mut next = req.after.next_segment(req.segment_size);
+    while let Some(name) = next.filter(|_| window.len() < count) {
+        next = name.next_segment(req.segment_size);
+        window.push(name);
+    }
+    dir.retain_only(&window);
+    let missing: Vec<_> = window
+        .into_iter()
+        .filter(|n| !dir.dir.join(n.as_str()).exists())
+        .collect();
+    stream::iter(missing)
+        .map(|name| {
+            let dest = dir.dir.join(name.as_str());
+            async move {
+                match download_to(repo, &name, &dest).await {
+                    Ok(()) | Err(ArchiveError::NotInRepository { .. }) => {}
+                    Err(e) => tracing::warn!(file = %name, error = %e, "prefetch failed"),
+                }
+            }
+        })
+        .buffer_unordered(PREFETCH_CONCURRENCY)
+        .collect::<()>()
+        .await;
+    drop(lock);
+}
+
+/// The spool's `prefetch/` directory, emptied if it holds another repository's files.
+struct PrefetchDir {
+    dir: PathBuf,
+}
+
+impl PrefetchDir {
+    fn open(spool: &Path, repo_url: &str) -> Option<Self> {
+        let dir = spool.join("prefetch");
+        let tag = dir.join(".repository");
+        if std::fs::read_to_string(&tag).ok().as_deref() != Some(repo_url) {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).ok()?;
+            std::fs::write(&tag, repo_url).ok()?;
+        }
+        Some(PrefetchDir { dir })
+    }
+
+    /// Deletes spooled files that are not in `window` (already replayed, or another timeline).
+    fn retain_only(&self, window: &[WalFileName]) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let keep = name.starts_with(".lock")
+                || name == ".repository"
+                || window.iter().any(|w| w.as_str() == name);
+            if !keep {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Downloads, decompresses and verifies `name` into `dest` through a temp file.
+async fn download_to(repo: &Repo, name: &WalFileName, dest: &Path) -> Result<(), ArchiveError> {
+    let key = catalog::wal_key(name);
+    let location = repo.storage.location(&key);
+    let body = match repo.storage.get(&key).await {
+        Ok(body) => body,
+        Err(StorageError::NotFound(location)) => {
+            return Err(ArchiveError::NotInRepository {
+                name: name.to_string(),
+                location,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_verified(&body, &dest, &location))
+        .await
+        .map_err(|e| join_error(Path::new(name.as_str()), e))?
+}
+
+fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<(), ArchiveError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+    let tmp = dir.join(format!(".{file_name}.pitr-tmp.{}", std::process::id()));
+    let write_err = |source: io::Error| {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => "the volume is full: free space and retry",
+            Some(libc::EACCES | libc::EPERM) => "run as the user that owns the data directory",
+            _ => "check the data directory's volume",
+        };
+        ArchiveError::WriteDest {
+            path: dest.display().to_string(),
+            source,
+            hint,
+        }
+    };
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).map_err(write_err)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, file);
+        compress::gunzip_verified(gz, &mut out).map_err(|e| match e {
+            GzipError::Write(source) => write_err(source),
+            other => ArchiveError::Corrupt {
+                location: location.to_owned(),
+                source: other,
+            },
+        })?;
+        out.flush().map_err(write_err)?;
+        std::fs::rename(&tmp, dest).map_err(write_err)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The segment size recorded in the first page of the WAL segment at `path`.
+fn segment_size_of(path: &Path) -> Option<u32> {
+    let mut buf = [0u8; 40];
+    std::fs::File::open(path).ok()?.read_exact(&mut buf).ok()?;
+    wal::segment_header(&buf).map(|h| h.segment_size)
+}
+
+fn wal_name_of_path(path: &Path) -> Result<WalFileName, ArchiveError> {
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    file_name.parse().map_err(|source| ArchiveError::NotWalFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn join_error(path: &Path, e: tokio::task::JoinError) -> ArchiveError {
+    ArchiveError::ReadSource {
+        path: path.display().to_string(),
+        source: io::Error::other(e.to_string()),
+        hint: "an internal task failed; report this as a bug",
+    }
+}

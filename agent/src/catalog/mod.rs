@@ -1,0 +1,54 @@
+//! The repository layout: the one module that builds repository keys, and the
+//! record of which PostgreSQL cluster owns a repository.
+//!
+//! Layout (see docs/repository.md):
+//! - `pitr-repository.json`: format version and the owner's system identifier;
+//! - `wal/<walfile>.gz`: every archived WAL file, plain gzip.
+//!
+//! Knows nothing about how objects are stored or how WAL is produced.
+
+mod identity;
+
+pub use identity::{OwnerError, RepositoryOwner, ensure_owner};
+
+use crate::storage::ObjectKey;
+use crate::wal::WalFileName;
+
+/// The key prefix that holds WAL.
+pub const WAL_PREFIX: &str = "wal/";
+
+/// The key of the repository's owner record.
+pub const OWNER_KEY: &str = "pitr-repository.json";
+
+/// The key under which a WAL file is stored.
+#[must_use]
+pub fn wal_key(name: &WalFileName) -> ObjectKey {
+    ObjectKey::new(format!("{WAL_PREFIX}{name}.gz")).expect("WAL file names are valid keys")
+}
+
+/// The WAL file a key holds, if it is a WAL object.
+#[must_use]
+pub fn wal_name_of(key: &ObjectKey) -> Option<WalFileName> {
+    key.as_str()
+        .strip_prefix(WAL_PREFIX)?
+        .strip_suffix(".gz")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_keys_round_trip() {
+        for name in ["000000010000000000000001", "00000002.history", "000000020000000000000003.partial"] {
+            let name: WalFileName = name.parse().expect("valid");
+            let key = wal_key(&name);
+            assert_eq!(key.as_str(), format!("wal/{name}.gz"));
+            assert_eq!(wal_name_of(&key), Some(name));
+        }
+        assert_eq!(wal_name_of(&ObjectKey::new("wal/x.gz").expect("key")), None);
+        assert_eq!(wal_name_of(&ObjectKey::new(OWNER_KEY).expect("key")), None);
+    }
+}

@@ -1,0 +1,94 @@
+//! Flags and environment variables shared by `pitr-agent` and `pgrestore`,
+//! and the logging setup. Turns raw arguments into a [`Repo`] before any work.
+
+use std::time::Duration;
+
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+
+use crate::archive::Repo;
+use crate::storage::{DEFAULT_REPO, RepoUrl, S3Options, Storage, StorageError};
+
+/// Where the repository is and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct RepoArgs {
+    /// Repository URL: file:///path or s3://bucket/prefix.
+    #[arg(long, env = "PITR_REPO", default_value = DEFAULT_REPO, global = true)]
+    pub repo: String,
+    /// S3 endpoint for non-AWS stores (MinIO, Spaces, Ceph), e.g. http://minio:9000.
+    #[arg(long, env = "PITR_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: AWS_REGION, else us-east-1].
+    #[arg(long, env = "PITR_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Address buckets by path (endpoint/bucket), as MinIO and Ceph usually need.
+    #[arg(long, env = "PITR_S3_FORCE_PATH_STYLE", global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub s3_force_path_style: bool,
+    /// Timeout for one S3 request attempt, e.g. 30s.
+    #[arg(long, env = "PITR_S3_TIMEOUT", global = true, value_parser = humantime::parse_duration)]
+    pub s3_timeout: Option<Duration>,
+    /// Attempts per S3 request, the first included.
+    #[arg(long, env = "PITR_S3_MAX_ATTEMPTS", global = true)]
+    pub s3_max_attempts: Option<u32>,
+}
+
+impl RepoArgs {
+    /// Parses the URL and opens the store.
+    ///
+    /// # Errors
+    /// A malformed URL or an unusable local directory.
+    pub async fn open(&self) -> Result<Repo, StorageError> {
+        let url = RepoUrl::parse(&self.repo)?;
+        let options = S3Options {
+            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.s3_region.clone().filter(|r| !r.is_empty()),
+            force_path_style: self.s3_force_path_style,
+            connect_timeout: None,
+            attempt_timeout: self.s3_timeout,
+            max_attempts: self.s3_max_attempts,
+        };
+        Ok(Repo {
+            storage: Storage::open(&url, &options).await?,
+            url: url.to_string(),
+        })
+    }
+
+    /// The same settings as command-line arguments, for child processes.
+    #[must_use]
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--repo".to_owned(), self.repo.clone()];
+        if let Some(e) = &self.s3_endpoint {
+            args.extend(["--s3-endpoint".to_owned(), e.clone()]);
+        }
+        if let Some(r) = &self.s3_region {
+            args.extend(["--s3-region".to_owned(), r.clone()]);
+        }
+        args.extend([
+            "--s3-force-path-style".to_owned(),
+            self.s3_force_path_style.to_string(),
+        ]);
+        if let Some(t) = self.s3_timeout {
+            args.extend(["--s3-timeout".to_owned(), humantime::format_duration(t).to_string()]);
+        }
+        if let Some(n) = self.s3_max_attempts {
+            args.extend(["--s3-max-attempts".to_owned(), n.to_string()]);
+        }
+        args
+    }
+}
+
+/// Log to stderr. `PITR_LOG` takes an `EnvFilter` directive; `PITR_LOG_FORMAT=json`
+/// switches to JSON lines for log collectors.
+pub fn init_tracing(default_level: &str) {
+    let filter = EnvFilter::try_from_env("PITR_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let json = std::env::var("PITR_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

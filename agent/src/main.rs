@@ -1,0 +1,188 @@
+//! The `pitr-agent` binary: parses arguments, sets up logging, runs one command.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+
+use anyhow::Context as _;
+use clap::builder::TypedValueParser as _;
+use clap::{Parser, Subcommand};
+use pitr_agent::archive::{self, FetchConfig, PrefetchRequest, PushConfig};
+use pitr_agent::cli::{RepoArgs, init_tracing};
+use pitr_agent::compress::DEFAULT_LEVEL;
+use pitr_agent::wal::WalFileName;
+
+/// Continuous WAL archiving and base backups for PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "pitr-agent", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Archive one WAL file. Use as: archive_command = 'pitr-agent wal-push %p'
+    WalPush(WalPushArgs),
+    /// Restore one WAL file. Use as: restore_command = 'pitr-agent wal-fetch %f %p'
+    WalFetch(WalFetchArgs),
+    /// Fill the prefetch spool (started by wal-fetch; not for direct use).
+    #[command(hide = true)]
+    WalPrefetch(WalPrefetchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WalPushArgs {
+    /// The WAL file, as PostgreSQL's %p (relative to the data directory).
+    path: PathBuf,
+    /// The data directory [default: the current directory, as for archive_command].
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<PathBuf>,
+    /// Files pushed at once: the requested one plus the next .ready files.
+    #[arg(long, env = "PITR_ARCHIVE_PARALLEL", default_value_t = archive::DEFAULT_ARCHIVE_PARALLEL,
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    parallel: usize,
+    /// gzip level, 1 (fastest) to 9 (smallest).
+    #[arg(long, env = "PITR_COMPRESS_LEVEL", default_value_t = DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    compress_level: u32,
+    /// Spool directory for markers [default: pitr_spool beside the WAL file].
+    #[arg(long, env = "PITR_SPOOL")]
+    spool: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct WalFetchArgs {
+    /// The WAL file name, as PostgreSQL's %f.
+    name: String,
+    /// Where to write it, as PostgreSQL's %p.
+    path: PathBuf,
+    /// Segments to keep prefetched in the spool; 0 disables prefetching.
+    #[arg(long, env = "PITR_FETCH_PREFETCH", default_value_t = archive::DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u16).range(0..=256).map(usize::from))]
+    prefetch: usize,
+    /// Spool directory [default: pitr_spool beside the destination].
+    #[arg(long, env = "PITR_SPOOL")]
+    spool: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct WalPrefetchArgs {
+    after: String,
+    #[arg(long)]
+    segment_size: u32,
+    #[arg(long)]
+    spool: PathBuf,
+    #[arg(long)]
+    count: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing("warn");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pitr-agent: error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pitr-agent: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::WalPush(args) => {
+            let repo = cli.repo.open().await?;
+            let pgdata = match args.pgdata {
+                Some(dir) => dir,
+                None => std::env::current_dir().context("cannot determine the current directory")?,
+            };
+            let cfg = PushConfig {
+                pgdata,
+                spool: args.spool,
+                parallel: args.parallel,
+                level: args.compress_level,
+            };
+            let outcome = archive::wal_push(&repo, &args.path, &cfg)
+                .await
+                .with_context(|| format!("wal-push {}", args.path.display()))?;
+            tracing::info!(file = %args.path.display(), ?outcome, "archived");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WalFetch(args) => {
+            let repo = cli.repo.open().await?;
+            let cfg = FetchConfig {
+                spool: args.spool,
+                prefetch: args.prefetch,
+            };
+            match archive::wal_fetch(&repo, &args.name, &args.path, &cfg).await {
+                Ok((outcome, request)) => {
+                    tracing::info!(file = %args.name, ?outcome, "restored");
+                    if let Some(request) = request {
+                        spawn_prefetcher(&cli.repo, &request, args.prefetch);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) if e.is_not_in_repository() => {
+                    // PostgreSQL asks for files past the end of the archive; say so quietly.
+                    eprintln!("pitr-agent wal-fetch: {e}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("wal-fetch {}", args.name))),
+            }
+        }
+        Command::WalPrefetch(args) => {
+            // Never fail and never panic: the foreground fetch covers any gap,
+            // and PostgreSQL may be this orphan's reaper (PID 1 in a container).
+            let Ok(after) = args.after.parse::<WalFileName>() else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            if let Ok(repo) = cli.repo.open().await {
+                let request = PrefetchRequest {
+                    after,
+                    segment_size: args.segment_size,
+                    spool: args.spool,
+                };
+                let task = tokio::spawn(async move { archive::prefetch(&repo, &request, args.count).await });
+                let _ = task.await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Starts a detached prefetcher so that PostgreSQL can replay while it downloads.
+fn spawn_prefetcher(repo: &RepoArgs, request: &PrefetchRequest, count: usize) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(repo.to_args())
+        .arg("wal-prefetch")
+        .arg(request.after.as_str())
+        .arg("--segment-size")
+        .arg(request.segment_size.to_string())
+        .arg("--spool")
+        .arg(&request.spool)
+        .arg("--count")
+        .arg(count.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    if let Err(e) = cmd.spawn() {
+        tracing::debug!(error = %e, "could not start the prefetcher");
+    }
+}

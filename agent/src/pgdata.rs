@@ -1,0 +1,53 @@
+//! What pitr-agent reads from a PostgreSQL data directory: the cluster's
+//! identity in `global/pg_control` and the archiver's `.ready` queue.
+//!
+//! Knows nothing about repositories.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use crate::wal::WalFileName;
+
+/// The cluster's system identifier: the first field of `ControlFileData`,
+/// stored at byte 0 of `global/pg_control` in every PostgreSQL version.
+///
+/// # Errors
+/// The file is missing, unreadable or too short.
+pub fn system_identifier(pgdata: &Path) -> io::Result<u64> {
+    let path = pgdata.join("global").join("pg_control");
+    let mut buf = [0u8; 8];
+    std::fs::File::open(&path)?.read_exact(&mut buf)?;
+    let id = u64::from_le_bytes(buf);
+    if id == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "pg_control has a zero system identifier",
+        ));
+    }
+    Ok(id)
+}
+
+/// The WAL files waiting in `<wal_dir>/archive_status/*.ready`, sorted by name.
+///
+/// # Errors
+/// The status directory cannot be read.
+pub fn ready_files(wal_dir: &Path) -> io::Result<Vec<WalFileName>> {
+    let mut names: Vec<WalFileName> = std::fs::read_dir(archive_status(wal_dir))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".ready")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(names)
+}
+
+/// `<wal_dir>/archive_status`.
+#[must_use]
+pub fn archive_status(wal_dir: &Path) -> PathBuf {
+    wal_dir.join("archive_status")
+}

@@ -1,0 +1,359 @@
+//! `file://` repositories: a directory tree on a local or mounted filesystem.
+//!
+//! Every write goes to a temp file in the target directory, is fsynced, then
+//! linked (create-only) or renamed into place, and the directory is fsynced.
+//! Temp files start with `.` and are invisible to `list`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use super::{BoxReader, ObjectKey, ObjectMeta, PutMode, StorageError};
+
+/// A repository rooted at a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalFs {
+    root: PathBuf,
+}
+
+const STREAM_BUFFER: usize = 1 << 20;
+
+impl LocalFs {
+    /// Uses `root`, creating it if needed.
+    ///
+    /// # Errors
+    /// The directory cannot be created or is not a directory.
+    pub async fn open(root: PathBuf) -> Result<Self, StorageError> {
+        let fs = LocalFs { root };
+        let root = fs.root.clone();
+        blocking(move || create_dirs_durable(&root)).await?;
+        Ok(fs)
+    }
+
+    /// The directory this repository lives in.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    pub(super) fn location(&self, key: &ObjectKey) -> String {
+        format!("file://{}", self.path(key).display())
+    }
+
+    pub(super) async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<(), StorageError> {
+        let path = self.path(key);
+        blocking(move || {
+            let dir = parent(&path)?;
+            create_dirs_durable(dir)?;
+            let tmp = TempFile::create(&path)?;
+            tmp.file()
+                .write_all(&body)
+                .map_err(|e| io_error("write", &tmp.path, e))?;
+            tmp.commit(&path, mode)
+        })
+        .await
+    }
+
+    pub(super) async fn put_stream(
+        &self,
+        key: &ObjectKey,
+        mut reader: BoxReader,
+    ) -> Result<u64, StorageError> {
+        let path = self.path(key);
+        let tmp = {
+            let path = path.clone();
+            blocking(move || {
+                create_dirs_durable(parent(&path)?)?;
+                TempFile::create(&path)
+            })
+            .await?
+        };
+        let mut buf = vec![0u8; STREAM_BUFFER];
+        let mut total = 0u64;
+        let mut out = tokio::fs::File::from_std(
+            tmp.file()
+                .try_clone()
+                .map_err(|e| io_error("open", &tmp.path, e))?,
+        );
+        loop {
+            let n = reader.read(&mut buf).await.map_err(|e| StorageError::Io {
+                op: "read the upload source for",
+                location: path.display().to_string(),
+                source: e,
+            })?;
+            if n == 0 {
+                break;
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut out, &buf[..n])
+                .await
+                .map_err(|e| io_error("write", &tmp.path, e))?;
+            total += n as u64;
+        }
+        drop(out);
+        blocking(move || tmp.commit(&path, PutMode::Overwrite)).await?;
+        Ok(total)
+    }
+
+    pub(super) async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
+        let path = self.path(key);
+        blocking(move || {
+            fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| io_error("read", &path, e))
+        })
+        .await
+    }
+
+    pub(super) async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+        let path = self.path(key);
+        blocking(move || {
+            let file = File::open(&path).map_err(|e| io_error("read", &path, e))?;
+            let mut buf = Vec::new();
+            file.take(len)
+                .read_to_end(&mut buf)
+                .map_err(|e| io_error("read", &path, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StorageError> {
+        let path = self.path(key);
+        let key = key.clone();
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
+                key,
+                size: meta.len(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("stat", &path, e)),
+        })
+        .await
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        blocking(move || {
+            let (dir, _) = prefix.rsplit_once('/').unwrap_or(("", ""));
+            let mut out = Vec::new();
+            walk(&root, &root.join(dir), &prefix, &mut out)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let path = self.path(key);
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => sync_dir(parent(&path)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("delete", &path, e)),
+        })
+        .await
+    }
+}
+
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error("list", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let Some(rel) = path
+            .strip_prefix(root)
+            .ok()
+            .and_then(Path::to_str)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let meta = entry.metadata().map_err(|e| io_error("stat", &path, e))?;
+        if meta.is_dir() {
+            let as_dir = format!("{rel}/");
+            if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                walk(root, &path, prefix, out)?;
+            }
+        } else if meta.is_file()
+            && rel.starts_with(prefix)
+            && let Ok(key) = ObjectKey::new(rel)
+        {
+            out.push(ObjectMeta {
+                key,
+                size: meta.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A temp file beside its destination, removed on drop unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    fn create(dest: &Path) -> Result<Self, StorageError> {
+        let dir = parent(dest)?;
+        let name = dest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let path = dir.join(format!(
+            ".{name}.tmp.{}.{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io_error("create", &path, e))?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("file is present until commit")
+    }
+
+    /// fsync, then move into place, then fsync the directory.
+    fn commit(mut self, dest: &Path, mode: PutMode) -> Result<(), StorageError> {
+        let file = self.file.take().expect("file is present until commit");
+        file.sync_all().map_err(|e| io_error("fsync", &self.path, e))?;
+        drop(file);
+        match mode {
+            PutMode::Overwrite => {
+                fs::rename(&self.path, dest).map_err(|e| io_error("rename", dest, e))?;
+            }
+            PutMode::CreateOnly => match fs::hard_link(&self.path, dest) {
+                Ok(()) => {
+                    let _ = fs::remove_file(&self.path);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(StorageError::AlreadyExists(format!(
+                        "file://{}",
+                        dest.display()
+                    )));
+                }
+                // Filesystems without hard links: check, then rename. The
+                // window between the two is covered by the caller comparing
+                // contents afterwards.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP)) => {
+                    if dest.exists() {
+                        return Err(StorageError::AlreadyExists(format!(
+                            "file://{}",
+                            dest.display()
+                        )));
+                    }
+                    fs::rename(&self.path, dest).map_err(|e| io_error("rename", dest, e))?;
+                }
+                Err(e) => return Err(io_error("link", dest, e)),
+            },
+        }
+        self.path = PathBuf::new();
+        sync_dir(parent(dest)?)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn parent(path: &Path) -> Result<&Path, StorageError> {
+    path.parent().ok_or_else(|| StorageError::Io {
+        op: "find the directory of",
+        location: path.display().to_string(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent whose entries changed.
+fn create_dirs_durable(dir: &Path) -> Result<(), StorageError> {
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(io_error(
+                "use as a directory",
+                dir,
+                io::Error::from(io::ErrorKind::NotADirectory),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("stat", dir, e)),
+    }
+    let up = parent(dir)?;
+    create_dirs_durable(up)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(up),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_error("create directory", dir, e)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("fsync directory", dir, e))
+}
+
+fn io_error(op: &'static str, path: &Path, e: io::Error) -> StorageError {
+    let location = format!("file://{}", path.display());
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        return StorageError::NoSpace(location);
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound if matches!(op, "read" | "stat") => StorageError::NotFound(location),
+        io::ErrorKind::PermissionDenied => StorageError::AccessDenied {
+            location,
+            detail: format!("{op}: {e}"),
+            hint: "give the user the agent runs as (the postgres user in archive_command) \
+                   read and write access to the repository directory",
+        },
+        _ => StorageError::Io {
+            op,
+            location,
+            source: e,
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Io {
+            op: "run",
+            location: "a filesystem task".into(),
+            source: io::Error::other(e.to_string()),
+        })?
+}

@@ -1,0 +1,427 @@
+//! The object store behind a repository URL: `file:///path` or `s3://bucket/prefix`.
+//!
+//! Owns atomic, durable writes and the mapping of errors to what an operator can
+//! act on. Knows nothing about PostgreSQL: keys are opaque relative paths, and
+//! the layout of a repository lives in [`crate::catalog`].
+
+mod local_fs;
+mod s3;
+
+pub use local_fs::LocalFs;
+pub use s3::{S3Options, S3Store};
+
+use std::fmt;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+/// The embedded default repository.
+pub const DEFAULT_REPO: &str = "file:///wal_archive";
+
+/// A key relative to the repository root: `/`-separated, no `..`, no leading `/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    /// Validates a relative key.
+    ///
+    /// # Errors
+    /// An empty key, an absolute key, or one with an empty, `.` or `..` component.
+    pub fn new(key: impl Into<String>) -> Result<Self, StorageError> {
+        let key = key.into();
+        let valid = !key.is_empty()
+            && key
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
+        if valid {
+            Ok(ObjectKey(key))
+        } else {
+            Err(StorageError::InvalidKey(key))
+        }
+    }
+
+    /// The key as a string.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last path component.
+    #[must_use]
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A parsed repository URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoUrl {
+    /// A directory on a local or mounted filesystem.
+    File(PathBuf),
+    /// A bucket and key prefix on an S3-compatible store.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix without leading or trailing `/`; may be empty.
+        prefix: String,
+    },
+}
+
+impl RepoUrl {
+    /// Parses `file:///path` or `s3://bucket[/prefix]`.
+    ///
+    /// # Errors
+    /// Anything else, with the accepted forms in the message.
+    pub fn parse(raw: &str) -> Result<Self, StorageError> {
+        let bad = |why: &str| StorageError::InvalidUrl {
+            url: raw.to_owned(),
+            reason: why.to_owned(),
+        };
+        let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+        match url.scheme() {
+            "file" => {
+                if !matches!(url.host_str(), None | Some("" | "localhost")) {
+                    return Err(bad("a file URL needs three slashes and an absolute path"));
+                }
+                let path = url
+                    .to_file_path()
+                    .map_err(|()| bad("not an absolute path"))?;
+                if path.parent().is_none() {
+                    return Err(bad("refusing to use / as a repository"));
+                }
+                Ok(RepoUrl::File(path))
+            }
+            "s3" => {
+                let bucket = url.host_str().unwrap_or_default().to_owned();
+                let valid_bucket = (3..=63).contains(&bucket.len())
+                    && bucket
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+                    && !bucket.starts_with(['-', '.'])
+                    && !bucket.ends_with(['-', '.']);
+                if !valid_bucket {
+                    return Err(bad(
+                        "the bucket name must be 3-63 lowercase letters, digits, '-' or '.'",
+                    ));
+                }
+                if url.query().is_some() || url.fragment().is_some() {
+                    return Err(bad("query strings and fragments are not supported"));
+                }
+                let prefix = url.path().trim_matches('/').to_owned();
+                // Check the raw text: the URL parser silently resolves dot segments.
+                let raw_path = raw.trim_start_matches("s3://").split_once('/').map_or("", |(_, p)| p);
+                if raw_path.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+                    return Err(bad("the prefix must not contain '.', '..' or empty parts"));
+                }
+                Ok(RepoUrl::S3 { bucket, prefix })
+            }
+            other => Err(bad(&format!("unsupported scheme {other:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RepoUrl::File(path) => write!(f, "file://{}", path.display()),
+            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            RepoUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Whether a write may replace an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace whatever is there.
+    Overwrite,
+    /// Fail with [`StorageError::AlreadyExists`] if the key exists.
+    CreateOnly,
+}
+
+/// What `head` and `list` report about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The object's key.
+    pub key: ObjectKey,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A storage failure, classified so that callers decide on retries and messages.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The repository URL cannot be used.
+    #[error(
+        "invalid repository URL {url:?}: {reason}; use file:///absolute/path or s3://bucket/prefix"
+    )]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A key that is not a clean relative path.
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    /// No object under that key.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// A create-only write found the key taken.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// Credentials or permissions refused the operation.
+    #[error("access denied to {location}: {detail}; {hint}")]
+    AccessDenied {
+        /// The path or URL.
+        location: String,
+        /// What the store said.
+        detail: String,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// The bucket does not exist.
+    #[error("bucket {bucket:?} does not exist at {endpoint}; create it or fix the repository URL")]
+    NoSuchBucket {
+        /// The bucket.
+        bucket: String,
+        /// The endpoint that said so.
+        endpoint: String,
+    },
+    /// The store could not be reached, after retries.
+    #[error(
+        "cannot reach the object store at {endpoint} for {location}: {detail}; \
+         check PITR_S3_ENDPOINT, the network and the store's health"
+    )]
+    Unreachable {
+        /// The endpoint tried.
+        endpoint: String,
+        /// The path or URL.
+        location: String,
+        /// The transport error.
+        detail: String,
+    },
+    /// The filesystem is full.
+    #[error(
+        "no space left on the device holding {0}; nothing was stored (the partial file was \
+         removed): free space or grow the volume"
+    )]
+    NoSpace(String),
+    /// Any other local I/O failure.
+    #[error("{op} {location}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        location: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Any other object-store failure.
+    #[error("{op} {location}: {detail}")]
+    Remote {
+        /// What was being done.
+        op: &'static str,
+        /// The URL.
+        location: String,
+        /// What the store said.
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// Whether retrying the same call cannot help.
+    #[must_use]
+    pub fn is_permanent(&self) -> bool {
+        !matches!(
+            self,
+            StorageError::Unreachable { .. } | StorageError::Remote { .. }
+        )
+    }
+
+    /// Whether this says the object does not exist.
+    #[must_use]
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound(_))
+    }
+}
+
+/// A boxed reader, for streaming uploads.
+pub type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The repository's object store.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// `file://`
+    Local(LocalFs),
+    /// `s3://`
+    S3(S3Store),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Storage::Local($s) => $call,
+            Storage::S3($s) => $call,
+        }
+    };
+}
+
+impl Storage {
+    /// Opens the store a URL names. S3 settings come from `options`.
+    ///
+    /// # Errors
+    /// The local directory cannot be created, or the S3 client cannot be configured.
+    pub async fn open(url: &RepoUrl, options: &S3Options) -> Result<Self, StorageError> {
+        match url {
+            RepoUrl::File(path) => Ok(Storage::Local(LocalFs::open(path.clone()).await?)),
+            RepoUrl::S3 { bucket, prefix } => Ok(Storage::S3(
+                S3Store::connect(bucket.clone(), prefix.clone(), options).await,
+            )),
+        }
+    }
+
+    /// Where `key` lives, as a URL, for messages.
+    #[must_use]
+    pub fn location(&self, key: &ObjectKey) -> String {
+        dispatch!(self, s => s.location(key))
+    }
+
+    /// Stores `body` under `key` durably: the call returns only once the object
+    /// would survive a crash, and a reader never sees a partial object.
+    ///
+    /// # Errors
+    /// [`StorageError::AlreadyExists`] for a taken key in [`PutMode::CreateOnly`];
+    /// otherwise as classified by the backend.
+    pub async fn put(&self, key: &ObjectKey, body: Bytes, mode: PutMode) -> Result<(), StorageError> {
+        dispatch!(self, s => s.put(key, body, mode).await)
+    }
+
+    /// Streams `reader` into `key` with bounded memory, atomically; returns the size.
+    /// On S3 this is a multipart upload once the data outgrows one part; a failed
+    /// upload is aborted and leaves nothing behind.
+    ///
+    /// # Errors
+    /// As classified by the backend; a read error from `reader` aborts the upload.
+    pub async fn put_stream(&self, key: &ObjectKey, reader: BoxReader) -> Result<u64, StorageError> {
+        dispatch!(self, s => s.put_stream(key, reader).await)
+    }
+
+    /// Reads a whole object.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] when missing; otherwise as classified by the backend.
+    pub async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
+        dispatch!(self, s => s.get(key).await)
+    }
+
+    /// Reads up to `len` bytes from the start of an object.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] when missing; otherwise as classified by the backend.
+    pub async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+        dispatch!(self, s => s.get_prefix(key, len).await)
+    }
+
+    /// The object's metadata, or `None` if it does not exist.
+    ///
+    /// # Errors
+    /// As classified by the backend.
+    pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StorageError> {
+        dispatch!(self, s => s.head(key).await)
+    }
+
+    /// Every object whose key starts with `prefix`, sorted by key.
+    ///
+    /// # Errors
+    /// As classified by the backend.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let mut objects = dispatch!(self, s => s.list(prefix).await)?;
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    /// Deletes an object; deleting a missing object succeeds.
+    ///
+    /// # Errors
+    /// As classified by the backend.
+    pub async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        dispatch!(self, s => s.delete(key).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_file_urls() {
+        assert_eq!(
+            RepoUrl::parse(DEFAULT_REPO).expect("default parses"),
+            RepoUrl::File(PathBuf::from("/wal_archive"))
+        );
+        assert_eq!(
+            RepoUrl::parse("file://localhost/var/lib/archive/").expect("localhost ok"),
+            RepoUrl::File(PathBuf::from("/var/lib/archive/"))
+        );
+        for bad in ["file://wal_archive", "file:///", "/wal_archive", "wal_archive", ""] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn parses_s3_urls() {
+        assert_eq!(
+            RepoUrl::parse("s3://my-bucket/clusters/odoo/").expect("valid"),
+            RepoUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "clusters/odoo".into()
+            }
+        );
+        assert_eq!(
+            RepoUrl::parse("s3://bkt").expect("valid").to_string(),
+            "s3://bkt"
+        );
+        for bad in [
+            "s3://",
+            "s3://AB/x",
+            "s3://a/x",
+            "s3://-bucket/x",
+            "s3://bucket/a/../b",
+            "s3://bucket/a//b",
+            "s3://bucket/x?versionId=1",
+            "gs://bucket/x",
+            "http://bucket/x",
+        ] {
+            assert!(RepoUrl::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn error_names_the_accepted_forms() {
+        let err = RepoUrl::parse("gs://bucket").expect_err("unsupported");
+        let msg = err.to_string();
+        assert!(msg.contains("gs://bucket") && msg.contains("s3://bucket/prefix"), "{msg}");
+    }
+
+    #[test]
+    fn keys_must_be_clean_and_relative() {
+        assert_eq!(
+            ObjectKey::new("wal/000000010000000000000001.gz")
+                .expect("valid")
+                .file_name(),
+            "000000010000000000000001.gz"
+        );
+        for bad in ["", "/wal/x", "wal//x", "wal/../x", "./x", "x/"] {
+            assert!(ObjectKey::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

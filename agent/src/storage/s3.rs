@@ -1,0 +1,443 @@
+//! `s3://` repositories on any S3-compatible store (AWS, MinIO, DigitalOcean Spaces, Ceph).
+//!
+//! Credentials come from the standard AWS chain (environment, profile, web
+//! identity / IRSA). Every call has bounded timeouts and retries with backoff.
+//! Uploads send `Content-MD5`, which every S3-compatible store checks, instead
+//! of the newer flexible checksums that several of them reject.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
+use md5::{Digest, Md5};
+use tokio::io::AsyncReadExt;
+
+use super::{BoxReader, ObjectKey, ObjectMeta, PutMode, StorageError};
+
+/// Part size for multipart uploads; S3's minimum is 5 MiB.
+pub const PART_SIZE: usize = 8 << 20;
+/// Parts uploaded at once; memory is bounded by `PART_SIZE * (PARTS_IN_FLIGHT + 1)`.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// How to reach an S3-compatible store.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Endpoint URL for non-AWS stores, e.g. `http://minio:9000`.
+    pub endpoint: Option<String>,
+    /// Region; defaults to `AWS_REGION`, then `us-east-1`.
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` rather than `bucket.endpoint`.
+    pub force_path_style: bool,
+    /// Timeout to open a connection.
+    pub connect_timeout: Option<Duration>,
+    /// Timeout for one attempt of one call.
+    pub attempt_timeout: Option<Duration>,
+    /// Attempts per call, including the first.
+    pub max_attempts: Option<u32>,
+}
+
+/// An S3 bucket and key prefix.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+}
+
+impl S3Store {
+    /// Builds a client from the AWS credential chain and `options`.
+    pub async fn connect(bucket: String, prefix: String, options: &S3Options) -> Self {
+        let region = options
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_owned());
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(region.clone()))
+            .load()
+            .await;
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(options.connect_timeout.unwrap_or(Duration::from_secs(5)))
+            .operation_attempt_timeout(options.attempt_timeout.unwrap_or(Duration::from_secs(60)))
+            .build();
+        let retries = RetryConfig::standard()
+            .with_max_attempts(options.max_attempts.unwrap_or(4))
+            .with_initial_backoff(Duration::from_millis(200))
+            .with_max_backoff(Duration::from_secs(5));
+        let mut config = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(options.force_path_style)
+            .timeout_config(timeouts)
+            .retry_config(retries)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        let endpoint = match &options.endpoint {
+            Some(url) => {
+                config = config.endpoint_url(url);
+                url.clone()
+            }
+            None => format!("AWS S3 ({region})"),
+        };
+        S3Store {
+            client: Client::from_conf(config.build()),
+            bucket,
+            prefix,
+            endpoint,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    pub(super) fn location(&self, key: &ObjectKey) -> String {
+        format!("s3://{}/{}", self.bucket, self.full_key(key.as_str()))
+    }
+
+    fn classify<E>(&self, op: &'static str, location: String, err: SdkError<E>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        classify(op, location, &self.endpoint, &self.bucket, err)
+    }
+
+    pub(super) async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<(), StorageError> {
+        let location = self.location(key);
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .content_md5(content_md5(&body))
+            .body(ByteStream::from(body));
+        if mode == PutMode::CreateOnly {
+            // Honoured by AWS and recent MinIO/Ceph; stores that ignore it fall
+            // back to the caller's compare-after-write.
+            req = req.if_none_match("*");
+        }
+        match req.send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.classify("upload", location, e)),
+        }
+    }
+
+    pub(super) async fn put_stream(
+        &self,
+        key: &ObjectKey,
+        mut reader: BoxReader,
+    ) -> Result<u64, StorageError> {
+        let location = self.location(key);
+        let first = read_part(&mut reader, &location).await?;
+        if first.len() < PART_SIZE {
+            let size = first.len() as u64;
+            self.put(key, first, PutMode::Overwrite).await?;
+            return Ok(size);
+        }
+        let full_key = self.full_key(key.as_str());
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full_key)
+            .send()
+            .await
+            .map_err(|e| self.classify("start multipart upload of", location.clone(), e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let result = self
+            .upload_parts(&full_key, &upload_id, first, &mut reader, &location)
+            .await;
+        match result {
+            Ok((parts, size)) => {
+                let completed = CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build();
+                let done = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full_key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(completed)
+                    .send()
+                    .await;
+                match done {
+                    Ok(_) => Ok(size),
+                    Err(e) => {
+                        self.abort(&full_key, &upload_id).await;
+                        Err(self.classify("complete multipart upload of", location, e))
+                    }
+                }
+            }
+            Err(e) => {
+                self.abort(&full_key, &upload_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(
+        &self,
+        full_key: &str,
+        upload_id: &str,
+        first: Bytes,
+        reader: &mut BoxReader,
+        location: &str,
+    ) -> Result<(Vec<CompletedPart>, u64), StorageError> {
+        let mut parts = Vec::new();
+        let mut in_flight = FuturesOrdered::new();
+        let mut next = Some(first);
+        let mut number = 0i32;
+        let mut size = 0u64;
+        while let Some(body) = next.take() {
+            number += 1;
+            size += body.len() as u64;
+            let last = body.len() < PART_SIZE;
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full_key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_md5(content_md5(&body))
+                .body(ByteStream::from(body));
+            in_flight.push_back(async move { (number, req.send().await) });
+            if in_flight.len() > PARTS_IN_FLIGHT {
+                parts.push(self.finish_part(in_flight.next().await, location)?);
+            }
+            if !last {
+                let body = read_part(reader, location).await?;
+                if !body.is_empty() {
+                    next = Some(body);
+                }
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            parts.push(self.finish_part(Some(done), location)?);
+        }
+        Ok((parts, size))
+    }
+
+    fn finish_part<E>(
+        &self,
+        done: Option<(i32, Result<aws_sdk_s3::operation::upload_part::UploadPartOutput, SdkError<E>>)>,
+        location: &str,
+    ) -> Result<CompletedPart, StorageError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let (number, result) = done.expect("a part is in flight");
+        let out = result.map_err(|e| self.classify("upload part of", location.to_owned(), e))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag().map(str::to_owned))
+            .build())
+    }
+
+    async fn abort(&self, full_key: &str, upload_id: &str) {
+        let aborted = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        if let Err(e) = aborted {
+            tracing::warn!(
+                key = full_key,
+                upload_id,
+                error = %DisplayErrorContext(&e),
+                "could not abort a failed multipart upload; a lifecycle rule for incomplete \
+                 uploads will remove it"
+            );
+        }
+    }
+
+    pub(super) async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
+        self.get_range(key, None).await
+    }
+
+    pub(super) async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.get_range(key, Some(format!("bytes=0-{}", len - 1))).await
+    }
+
+    async fn get_range(&self, key: &ObjectKey, range: Option<String>) -> Result<Bytes, StorageError> {
+        let location = self.location(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .set_range(range)
+            .send()
+            .await
+            .map_err(|e| self.classify("download", location.clone(), e))?;
+        let body = out.body.collect().await.map_err(|e| StorageError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            location,
+            detail: format!("download interrupted: {e}"),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StorageError> {
+        let location = self.location(key);
+        let result = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.clone(),
+                size: u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0),
+            })),
+            Err(e) => match self.classify("inspect", location, e) {
+                StorageError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let full_prefix = self.full_key(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let location = format!("s3://{}/{full_prefix}", self.bucket);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.classify("list", location.clone(), e))?;
+            for object in page.contents() {
+                let Some(key) = object.key().and_then(|k| k.get(strip..)) else {
+                    continue;
+                };
+                if let Ok(key) = ObjectKey::new(key) {
+                    out.push(ObjectMeta {
+                        key,
+                        size: u64::try_from(object.size().unwrap_or(0)).unwrap_or(0),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let location = self.location(key);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("delete", location, e))
+    }
+}
+
+async fn read_part(reader: &mut BoxReader, location: &str) -> Result<Bytes, StorageError> {
+    let mut buf = BytesMut::with_capacity(PART_SIZE);
+    while buf.len() < PART_SIZE {
+        let n = reader.read_buf(&mut buf).await.map_err(|e| StorageError::Io {
+            op: "read the upload source for",
+            location: location.to_owned(),
+            source: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn content_md5(body: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
+}
+
+fn classify<E>(
+    op: &'static str,
+    location: String,
+    endpoint: &str,
+    bucket: &str,
+    err: SdkError<E>,
+) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let detail = || DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::TimeoutError(_) => StorageError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            location,
+            detail: "timed out".to_owned(),
+        },
+        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => StorageError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            location,
+            detail: detail(),
+        },
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or("");
+            let message = service.err().message().unwrap_or("");
+            match (status, code) {
+                (_, "NoSuchBucket") => StorageError::NoSuchBucket {
+                    bucket: bucket.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                },
+                (404, _) | (_, "NoSuchKey" | "NotFound") => StorageError::NotFound(location),
+                (412, _) | (_, "PreconditionFailed") => StorageError::AlreadyExists(location),
+                (401 | 403, _) => StorageError::AccessDenied {
+                    location,
+                    detail: format!("{status} {code} {message}").trim().to_owned(),
+                    hint: "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the \
+                           pod's IAM role (IRSA), and the bucket policy",
+                },
+                _ => StorageError::Remote {
+                    op,
+                    location,
+                    detail: format!("{status} {code} {message}").trim().to_owned(),
+                },
+            }
+        }
+        _ => StorageError::Remote {
+            op,
+            location,
+            detail: detail(),
+        },
+    }
+}
