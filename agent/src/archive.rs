@@ -124,7 +124,9 @@ pub enum ArchiveError {
         location: String,
     },
     /// A stored object does not decompress to what was stored.
-    #[error("{location}: {source}; the stored copy is damaged: restore it from another copy or take a new base backup")]
+    #[error(
+        "{location}: {source}; the stored copy is damaged: restore it from another copy or take a new base backup"
+    )]
     Corrupt {
         /// The object.
         location: String,
@@ -191,15 +193,29 @@ pub struct Repo {
 ///
 /// # Errors
 /// See [`ArchiveError`]; on any error nothing is reported archived.
-pub async fn wal_push(repo: &Repo, path: &Path, cfg: &PushConfig) -> Result<PushOutcome, ArchiveError> {
+pub async fn wal_push(
+    repo: &Repo,
+    path: &Path,
+    cfg: &PushConfig,
+) -> Result<PushOutcome, ArchiveError> {
     let name = wal_name_of_path(path)?;
-    let cluster = pgdata::system_identifier(&cfg.pgdata).map_err(|source| ArchiveError::PgControl {
-        path: cfg.pgdata.join("global/pg_control").display().to_string(),
-        source,
-    })?;
+    let cluster =
+        pgdata::system_identifier(&cfg.pgdata).map_err(|source| ArchiveError::PgControl {
+            path: cfg.pgdata.join("global/pg_control").display().to_string(),
+            source,
+        })?;
     let wal_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let spool = cfg.spool.clone().unwrap_or_else(|| wal_dir.join(SPOOL_DIR_NAME));
-    catalog::ensure_owner(&repo.storage, &repo.url, cluster, &spool.join("repository-owner")).await?;
+    let spool = cfg
+        .spool
+        .clone()
+        .unwrap_or_else(|| wal_dir.join(SPOOL_DIR_NAME));
+    catalog::ensure_owner(
+        &repo.storage,
+        &repo.url,
+        cluster,
+        &spool.join("repository-owner"),
+    )
+    .await?;
 
     let markers = Arc::new(Markers::new(spool.join("archived"), &repo.url));
     let mut neighbours = JoinSet::new();
@@ -218,7 +234,9 @@ pub async fn wal_push(repo: &Repo, path: &Path, cfg: &PushConfig) -> Result<Push
 
     let outcome = match markers.take_if_current(&name, path) {
         Some(()) => Ok(PushOutcome::PushedEarlier),
-        None => push_file(repo, &name, path, cluster, cfg.level).await.map(|(o, _)| o),
+        None => push_file(repo, &name, path, cluster, cfg.level)
+            .await
+            .map(|(o, _)| o),
     };
     while neighbours.join_next().await.is_some() {}
     markers.forget_archived(&wal_dir);
@@ -226,7 +244,12 @@ pub async fn wal_push(repo: &Repo, path: &Path, cfg: &PushConfig) -> Result<Push
 }
 
 /// The `.ready` files after `name` that have no marker yet, at most `n`.
-fn ready_neighbours(wal_dir: &Path, name: &WalFileName, n: usize, markers: &Markers) -> Vec<WalFileName> {
+fn ready_neighbours(
+    wal_dir: &Path,
+    name: &WalFileName,
+    n: usize,
+    markers: &Markers,
+) -> Vec<WalFileName> {
     let Ok(ready) = pgdata::ready_files(wal_dir) else {
         return Vec::new();
     };
@@ -261,7 +284,11 @@ async fn push_file(
     tracing::debug!(file = %name, raw, stored = gz.len(), "pushing");
     // Look first: stores that ignore If-None-Match must never be overwritten.
     if repo.storage.head(&key).await?.is_none() {
-        match repo.storage.put(&key, Bytes::from(gz), PutMode::CreateOnly).await {
+        match repo
+            .storage
+            .put(&key, Bytes::from(gz), PutMode::CreateOnly)
+            .await
+        {
             Ok(()) => return Ok((PushOutcome::Stored, digest)),
             Err(StorageError::AlreadyExists(_)) => {}
             Err(e) => return Err(e.into()),
@@ -282,7 +309,10 @@ async fn push_file(
 
 /// The digest of a stored WAL object: from its header, or by decompressing it
 /// when another tool wrote it.
-async fn stored_digest(storage: &Storage, key: &crate::storage::ObjectKey) -> Result<Sha256Digest, ArchiveError> {
+async fn stored_digest(
+    storage: &Storage,
+    key: &crate::storage::ObjectKey,
+) -> Result<Sha256Digest, ArchiveError> {
     let head = storage.get_prefix(key, compress::HEADER_PROBE_LEN).await?;
     if let Some(digest) = compress::header_digest(&head) {
         return Ok(digest);
@@ -442,8 +472,13 @@ pub async fn wal_fetch(
         source,
     })?;
     let dest_dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let spool = cfg.spool.clone().unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
-    let prefetch_dir = PrefetchDir::open(&spool, &repo.url);
+    let spool = cfg
+        .spool
+        .clone()
+        .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
+    let prefetch_dir = (cfg.prefetch > 0)
+        .then(|| PrefetchDir::open(&spool, &repo.url))
+        .flatten();
 
     let spooled = prefetch_dir.as_ref().map(|p| p.dir.join(name.as_str()));
     let outcome = match spooled.filter(|p| p.is_file()) {
@@ -607,11 +642,16 @@ fn segment_size_of(path: &Path) -> Option<u32> {
 }
 
 fn wal_name_of_path(path: &Path) -> Result<WalFileName, ArchiveError> {
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    file_name.parse().map_err(|source| ArchiveError::NotWalFile {
-        path: path.display().to_string(),
-        source,
-    })
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    file_name
+        .parse()
+        .map_err(|source| ArchiveError::NotWalFile {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn join_error(path: &Path, e: tokio::task::JoinError) -> ArchiveError {

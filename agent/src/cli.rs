@@ -68,7 +68,10 @@ impl RepoArgs {
             self.s3_force_path_style.to_string(),
         ]);
         if let Some(t) = self.s3_timeout {
-            args.extend(["--s3-timeout".to_owned(), humantime::format_duration(t).to_string()]);
+            args.extend([
+                "--s3-timeout".to_owned(),
+                humantime::format_duration(t).to_string(),
+            ]);
         }
         if let Some(n) = self.s3_max_attempts {
             args.extend(["--s3-max-attempts".to_owned(), n.to_string()]);
@@ -80,7 +83,13 @@ impl RepoArgs {
 /// Log to stderr. `PITR_LOG` takes an `EnvFilter` directive; `PITR_LOG_FORMAT=json`
 /// switches to JSON lines for log collectors.
 pub fn init_tracing(default_level: &str) {
-    let filter = EnvFilter::try_from_env("PITR_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // The AWS SDK warns about unreadable ~/.aws files when the credentials come
+    // from the environment; its real failures reach us as errors.
+    let filter = EnvFilter::try_from_env("PITR_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default_level},aws_config=error,aws_runtime=error,aws_smithy_runtime=error"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -161,7 +161,9 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -170,7 +172,10 @@ mod tests {
         let digest = Sha256Digest::of(&raw);
         let gz = gzip_with_digest(&raw, "000000010000000000000001", digest, DEFAULT_LEVEL);
         assert!(gz.len() < raw.len() / 4);
-        assert_eq!(header_digest(&gz[..HEADER_PROBE_LEN as usize]), Some(digest));
+        assert_eq!(
+            header_digest(&gz[..HEADER_PROBE_LEN as usize]),
+            Some(digest)
+        );
         let mut out = Vec::new();
         let (got, len) = gunzip_verified(&gz, &mut out).expect("valid gzip");
         assert_eq!((got, len), (digest, raw.len() as u64));
@@ -181,7 +186,10 @@ mod tests {
     fn identical_input_gives_identical_bytes() {
         let raw = sample();
         let d = Sha256Digest::of(&raw);
-        assert_eq!(gzip_with_digest(&raw, "a", d, 6), gzip_with_digest(&raw, "a", d, 6));
+        assert_eq!(
+            gzip_with_digest(&raw, "a", d, 6),
+            gzip_with_digest(&raw, "a", d, 6)
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)] // more commands (backup, verify, prune) are coming
 enum Command {
     /// Archive one WAL file. Use as: archive_command = 'pitr-agent wal-push %p'
     WalPush(WalPushArgs),
@@ -106,7 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let repo = cli.repo.open().await?;
             let pgdata = match args.pgdata {
                 Some(dir) => dir,
-                None => std::env::current_dir().context("cannot determine the current directory")?,
+                None => {
+                    std::env::current_dir().context("cannot determine the current directory")?
+                }
             };
             let cfg = PushConfig {
                 pgdata,
@@ -154,7 +157,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     segment_size: args.segment_size,
                     spool: args.spool,
                 };
-                let task = tokio::spawn(async move { archive::prefetch(&repo, &request, args.count).await });
+                let task =
+                    tokio::spawn(
+                        async move { archive::prefetch(&repo, &request, args.count).await },
+                    );
                 let _ = task.await;
             }
             Ok(ExitCode::SUCCESS)

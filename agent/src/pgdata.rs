@@ -34,13 +34,7 @@ pub fn system_identifier(pgdata: &Path) -> io::Result<u64> {
 pub fn ready_files(wal_dir: &Path) -> io::Result<Vec<WalFileName>> {
     let mut names: Vec<WalFileName> = std::fs::read_dir(archive_status(wal_dir))?
         .filter_map(Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".ready")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".ready")?.parse().ok())
         .collect();
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     Ok(names)

@@ -90,7 +90,10 @@ pub async fn ensure_owner(
                 created_by: concat!("pitr-agent ", env!("CARGO_PKG_VERSION")).to_owned(),
             };
             let body = serde_json::to_vec_pretty(&record).expect("serializable");
-            match storage.put(&key, Bytes::from(body), PutMode::CreateOnly).await {
+            match storage
+                .put(&key, Bytes::from(body), PutMode::CreateOnly)
+                .await
+            {
                 Ok(()) => record,
                 Err(StorageError::AlreadyExists(_)) => read_owner(storage, &key)
                     .await?
@@ -117,7 +120,10 @@ pub async fn ensure_owner(
     Ok(())
 }
 
-async fn read_owner(storage: &Storage, key: &ObjectKey) -> Result<Option<RepositoryOwner>, OwnerError> {
+async fn read_owner(
+    storage: &Storage,
+    key: &ObjectKey,
+) -> Result<Option<RepositoryOwner>, OwnerError> {
     match storage.get(key).await {
         Ok(body) => {
             let owner: RepositoryOwner =

@@ -42,7 +42,11 @@ mod tests {
 
     #[test]
     fn wal_keys_round_trip() {
-        for name in ["000000010000000000000001", "00000002.history", "000000020000000000000003.partial"] {
+        for name in [
+            "000000010000000000000001",
+            "00000002.history",
+            "000000020000000000000003.partial",
+        ] {
             let name: WalFileName = name.parse().expect("valid");
             let key = wal_key(&name);
             assert_eq!(key.as_str(), format!("wal/{name}.gz"));

@@ -116,7 +116,11 @@ impl LocalFs {
         .await
     }
 
-    pub(super) async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+    pub(super) async fn get_prefix(
+        &self,
+        key: &ObjectKey,
+        len: u64,
+    ) -> Result<Bytes, StorageError> {
         let path = self.path(key);
         blocking(move || {
             let file = File::open(&path).map_err(|e| io_error("read", &path, e))?;
@@ -167,7 +171,12 @@ impl LocalFs {
     }
 }
 
-fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
+fn walk(
+    root: &Path,
+    dir: &Path,
+    prefix: &str,
+    out: &mut Vec<ObjectMeta>,
+) -> Result<(), StorageError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -244,7 +253,8 @@ impl TempFile {
     /// fsync, then move into place, then fsync the directory.
     fn commit(mut self, dest: &Path, mode: PutMode) -> Result<(), StorageError> {
         let file = self.file.take().expect("file is present until commit");
-        file.sync_all().map_err(|e| io_error("fsync", &self.path, e))?;
+        file.sync_all()
+            .map_err(|e| io_error("fsync", &self.path, e))?;
         drop(file);
         match mode {
             PutMode::Overwrite => {
@@ -331,7 +341,9 @@ fn io_error(op: &'static str, path: &Path, e: io::Error) -> StorageError {
         return StorageError::NoSpace(location);
     }
     match e.kind() {
-        io::ErrorKind::NotFound if matches!(op, "read" | "stat") => StorageError::NotFound(location),
+        io::ErrorKind::NotFound if matches!(op, "read" | "stat") => {
+            StorageError::NotFound(location)
+        }
         io::ErrorKind::PermissionDenied => StorageError::AccessDenied {
             location,
             detail: format!("{op}: {e}"),

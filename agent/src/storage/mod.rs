@@ -8,7 +8,7 @@ mod local_fs;
 mod s3;
 
 pub use local_fs::LocalFs;
-pub use s3::{S3Options, S3Store};
+pub use s3::{PART_SIZE as S3_PART_SIZE, S3Options, S3Store};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -101,9 +101,9 @@ impl RepoUrl {
             "s3" => {
                 let bucket = url.host_str().unwrap_or_default().to_owned();
                 let valid_bucket = (3..=63).contains(&bucket.len())
-                    && bucket
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+                    && bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b)
+                    })
                     && !bucket.starts_with(['-', '.'])
                     && !bucket.ends_with(['-', '.']);
                 if !valid_bucket {
@@ -116,7 +116,10 @@ impl RepoUrl {
                 }
                 let prefix = url.path().trim_matches('/').to_owned();
                 // Check the raw text: the URL parser silently resolves dot segments.
-                let raw_path = raw.trim_start_matches("s3://").split_once('/').map_or("", |(_, p)| p);
+                let raw_path = raw
+                    .trim_start_matches("s3://")
+                    .split_once('/')
+                    .map_or("", |(_, p)| p);
                 if raw_path.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
                     return Err(bad("the prefix must not contain '.', '..' or empty parts"));
                 }
@@ -301,7 +304,12 @@ impl Storage {
     /// # Errors
     /// [`StorageError::AlreadyExists`] for a taken key in [`PutMode::CreateOnly`];
     /// otherwise as classified by the backend.
-    pub async fn put(&self, key: &ObjectKey, body: Bytes, mode: PutMode) -> Result<(), StorageError> {
+    pub async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<(), StorageError> {
         dispatch!(self, s => s.put(key, body, mode).await)
     }
 
@@ -311,7 +319,11 @@ impl Storage {
     ///
     /// # Errors
     /// As classified by the backend; a read error from `reader` aborts the upload.
-    pub async fn put_stream(&self, key: &ObjectKey, reader: BoxReader) -> Result<u64, StorageError> {
+    pub async fn put_stream(
+        &self,
+        key: &ObjectKey,
+        reader: BoxReader,
+    ) -> Result<u64, StorageError> {
         dispatch!(self, s => s.put_stream(key, reader).await)
     }
 
@@ -372,7 +384,13 @@ mod tests {
             RepoUrl::parse("file://localhost/var/lib/archive/").expect("localhost ok"),
             RepoUrl::File(PathBuf::from("/var/lib/archive/"))
         );
-        for bad in ["file://wal_archive", "file:///", "/wal_archive", "wal_archive", ""] {
+        for bad in [
+            "file://wal_archive",
+            "file:///",
+            "/wal_archive",
+            "wal_archive",
+            "",
+        ] {
             assert!(RepoUrl::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -409,7 +427,10 @@ mod tests {
     fn error_names_the_accepted_forms() {
         let err = RepoUrl::parse("gs://bucket").expect_err("unsupported");
         let msg = err.to_string();
-        assert!(msg.contains("gs://bucket") && msg.contains("s3://bucket/prefix"), "{msg}");
+        assert!(
+            msg.contains("gs://bucket") && msg.contains("s3://bucket/prefix"),
+            "{msg}"
+        );
     }
 
     #[test]

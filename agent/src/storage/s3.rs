@@ -238,7 +238,10 @@ impl S3Store {
 
     fn finish_part<E>(
         &self,
-        done: Option<(i32, Result<aws_sdk_s3::operation::upload_part::UploadPartOutput, SdkError<E>>)>,
+        done: Option<(
+            i32,
+            Result<aws_sdk_s3::operation::upload_part::UploadPartOutput, SdkError<E>>,
+        )>,
         location: &str,
     ) -> Result<CompletedPart, StorageError>
     where
@@ -276,14 +279,23 @@ impl S3Store {
         self.get_range(key, None).await
     }
 
-    pub(super) async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+    pub(super) async fn get_prefix(
+        &self,
+        key: &ObjectKey,
+        len: u64,
+    ) -> Result<Bytes, StorageError> {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.get_range(key, Some(format!("bytes=0-{}", len - 1))).await
+        self.get_range(key, Some(format!("bytes=0-{}", len - 1)))
+            .await
     }
 
-    async fn get_range(&self, key: &ObjectKey, range: Option<String>) -> Result<Bytes, StorageError> {
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: Option<String>,
+    ) -> Result<Bytes, StorageError> {
         let location = self.location(key);
         let out = self
             .client
@@ -294,11 +306,15 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.classify("download", location.clone(), e))?;
-        let body = out.body.collect().await.map_err(|e| StorageError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            location,
-            detail: format!("download interrupted: {e}"),
-        })?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                location,
+                detail: format!("download interrupted: {e}"),
+            })?;
         Ok(body.into_bytes())
     }
 
@@ -372,16 +388,33 @@ impl S3Store {
 async fn read_part(reader: &mut BoxReader, location: &str) -> Result<Bytes, StorageError> {
     let mut buf = BytesMut::with_capacity(PART_SIZE);
     while buf.len() < PART_SIZE {
-        let n = reader.read_buf(&mut buf).await.map_err(|e| StorageError::Io {
-            op: "read the upload source for",
-            location: location.to_owned(),
-            source: e,
-        })?;
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| StorageError::Io {
+                op: "read the upload source for",
+                location: location.to_owned(),
+                source: e,
+            })?;
         if n == 0 {
             break;
         }
     }
     Ok(buf.freeze())
+}
+
+/// The messages of an error and its sources, without Debug dumps, deduplicated.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 fn content_md5(body: &[u8]) -> String {
@@ -398,7 +431,7 @@ fn classify<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let detail = || DisplayErrorContext(&err).to_string();
+    let detail = || error_chain(&err);
     match &err {
         SdkError::TimeoutError(_) => StorageError::Unreachable {
             endpoint: endpoint.to_owned(),
@@ -426,6 +459,11 @@ where
                     detail: format!("{status} {code} {message}").trim().to_owned(),
                     hint: "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the \
                            pod's IAM role (IRSA), and the bucket policy",
+                },
+                _ if code.is_empty() => StorageError::Remote {
+                    op,
+                    location,
+                    detail: format!("HTTP {status}: {}", detail()),
                 },
                 _ => StorageError::Remote {
                     op,

@@ -117,7 +117,10 @@ mod tests {
     #[test]
     fn lsn_segment_uses_segment_size() {
         let lsn: Lsn = "A/F3000028".parse().expect("valid lsn");
-        assert_eq!(lsn.segment(DEFAULT_SEGMENT_SIZE), SegmentNo(0xA * 256 + 0xF3));
+        assert_eq!(
+            lsn.segment(DEFAULT_SEGMENT_SIZE),
+            SegmentNo(0xA * 256 + 0xF3)
+        );
         assert_eq!(lsn.segment(64 << 20), SegmentNo(0xA * 64 + 0xF3 / 4));
     }
 

@@ -158,7 +158,11 @@ impl WalFileName {
     #[must_use]
     pub fn next_segment(&self, segment_size: u32) -> Option<Self> {
         let segno = self.segment_no(segment_size)?;
-        Some(Self::segment(self.timeline, SegmentNo(segno.0 + 1), segment_size))
+        Some(Self::segment(
+            self.timeline,
+            SegmentNo(segno.0 + 1),
+            segment_size,
+        ))
     }
 }
 

@@ -1,0 +1,84 @@
+//! The project's binaries, built fresh once per test process and copied to a
+//! directory the PostgreSQL user can execute from (the checkout may sit under
+//! a home directory it cannot enter).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::RunAs;
+
+struct Built {
+    _dir: tempfile::TempDir,
+    agent: PathBuf,
+    pgrestore: PathBuf,
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "pitr-agent",
+            "-p",
+            "pgrestore",
+            "--bins",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        let dir = tempfile::Builder::new()
+            .prefix("pitr-bin-")
+            .tempdir()
+            .expect("temp dir");
+        let user = RunAs::test_user();
+        let copy = |name: &str| {
+            let dest = dir.path().join(name);
+            std::fs::copy(profile_dir.join(name), &dest).expect("copy binary");
+            dest
+        };
+        let agent = copy("pitr-agent");
+        let pgrestore = copy("pgrestore");
+        user.chown_tree(dir.path());
+        Built {
+            _dir: dir,
+            agent,
+            pgrestore,
+        }
+    })
+}
+
+/// The `pitr-agent` binary.
+#[must_use]
+pub fn agent() -> &'static Path {
+    &built().agent
+}
+
+/// The `pgrestore` binary.
+#[must_use]
+pub fn pgrestore() -> &'static Path {
+    &built().pgrestore
+}
+
+/// A `pitr-agent` command run as `user`, with a clean S3 environment.
+#[must_use]
+pub fn agent_cmd(user: RunAs) -> Command {
+    let mut cmd = Command::new(agent());
+    user.apply(&mut cmd);
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd
+}
