@@ -3,6 +3,7 @@
 //! a home directory it cannot enter).
 
 use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -18,12 +19,11 @@ fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
+        // target/<profile>/deps/<test>, or target/<profile>/<bin> for the demo.
+        let mut profile_dir = exe.parent().expect("binary has a directory").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
@@ -79,6 +79,8 @@ pub fn pgrestore() -> &'static Path {
 pub fn agent_cmd(user: RunAs) -> Command {
     let mut cmd = Command::new(agent());
     user.apply(&mut cmd);
+    // The checkout may be a directory the test user cannot enter.
+    cmd.current_dir(std::env::temp_dir());
     cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd
 }

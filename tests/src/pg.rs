@@ -282,6 +282,7 @@ impl Postgres {
 
     fn run_checked(&self, cmd: &mut Command) {
         self.user.apply(cmd);
+        cmd.current_dir(self.dir.path());
         let out = cmd.output().expect("spawn a PostgreSQL tool");
         assert!(
             out.status.success(),

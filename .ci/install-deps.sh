@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what the tests (and, with --bench, the benchmark) need on Debian 12.
+# Idempotent. As root it installs; otherwise it says exactly what is missing.
+#   --demo    only what `make demo` needs (a PostgreSQL server)
+#   --bench   also pgBackRest, pigz and gzip for `make bench`
+set -euo pipefail
+mode=test
+case "${1:-}" in --demo) mode=demo ;; --bench) mode=bench ;; "") ;; *) echo "usage: $0 [--demo|--bench]" >&2; exit 2 ;; esac
+
+apt_pkgs=(postgresql-15 postgresql-contrib)
+[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+need_moto=0; need_s3s=0
+if [ "$mode" != demo ]; then
+  python3 - <<'PY' 2>/dev/null || need_moto=1
+import importlib.metadata as m, sys
+v = tuple(int(x) for x in m.version("moto").split(".")[:3])
+sys.exit(0 if v >= (5, 2, 5) else 1)
+PY
+  command -v moto_server >/dev/null || need_moto=1
+  command -v s3s-fs >/dev/null || [ -x "$HOME/.cargo/bin/s3s-fs" ] || need_s3s=1
+fi
+
+if [ "$(id -u)" != 0 ] && [ ${#missing[@]} -gt 0 ]; then
+  echo "missing Debian packages: ${missing[*]}" >&2
+  echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo ">> apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+if [ "$need_moto" = 1 ]; then
+  echo ">> pip install moto[server]==5.2.5 (5.2.1 answers multipart completion with the wrong XML root)" >&2
+  pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
+fi
+if [ "$need_s3s" = 1 ]; then
+  echo ">> cargo install s3s-fs@0.14.1 (0.15+ needs a newer rustc)" >&2
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary >&2
+fi

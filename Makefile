@@ -1,0 +1,33 @@
+# The two commands a newcomer needs:
+#   make demo   back up a throwaway PostgreSQL into a file:// repository and prove it
+#   make test   unit, conformance and end-to-end tests (real PostgreSQL, real S3 servers)
+# Both install what is missing when run as root, or say what to install.
+
+# PostgreSQL majors besides Debian's 15 that the end-to-end tests run on.
+EXTRA_PG_MAJORS ?= 17
+
+.PHONY: demo test test-unit test-e2e bench lint deps
+
+demo:
+	.ci/install-deps.sh --demo
+	cargo build --quiet --workspace --all-targets
+	target/debug/demo
+
+deps:
+	.ci/install-deps.sh
+
+test: deps
+	cargo test --workspace --locked
+	@for major in $(EXTRA_PG_MAJORS); do \
+		bin=$$(.ci/pg-binaries.sh $$major) || exit 1; \
+		echo "== end-to-end archiving tests on PostgreSQL $$major ($$bin)"; \
+		PG_BIN=$$bin cargo test -p pitr-tests --test e2e --locked -- archiving:: || exit 1; \
+	done
+
+bench:
+	.ci/install-deps.sh --bench
+	cargo bench -p pitr-tests --bench archive
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
