@@ -21,7 +21,7 @@ test: deps
 	@for major in $(EXTRA_PG_MAJORS); do \
 		bin=$$(.ci/pg-binaries.sh $$major) || exit 1; \
 		echo "== end-to-end archiving tests on PostgreSQL $$major ($$bin)"; \
-		PG_BIN=$$bin cargo test -p pitr-tests --test e2e --locked -- archiving:: || exit 1; \
+		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: || exit 1; \
 	done
 
 bench:

@@ -8,7 +8,7 @@ mode=test
 case "${1:-}" in --demo) mode=demo ;; --bench) mode=bench ;; "") ;; *) echo "usage: $0 [--demo|--bench]" >&2; exit 2 ;; esac
 
 apt_pkgs=(postgresql-15 postgresql-contrib)
-[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip)
+[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip time)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
