@@ -39,6 +39,26 @@ fn built() -> &'static Built {
         if release {
             build.arg("--release");
         }
+        // Cargo sets these for the running test; ring's build script tracks
+        // CARGO_MANIFEST_DIR, so passing them on would rebuild the TLS stack.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let set_for_targets = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || matches!(
+                    key.as_ref(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                );
+            if set_for_targets {
+                build.env_remove(key.as_ref());
+            }
+        }
         let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
         let dir = tempfile::Builder::new()
