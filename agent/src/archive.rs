@@ -218,23 +218,33 @@ pub async fn wal_push(
     .await?;
 
     let markers = Arc::new(Markers::new(spool.join("archived"), &repo.url));
+    let ahead = if cfg.parallel > 1 {
+        ready_neighbours(&wal_dir, &name, cfg.parallel - 1, &markers)
+    } else {
+        Vec::new()
+    };
+    // Share the cores between the files in flight; one file gets them all.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = (cores / (1 + ahead.len())).max(1);
+    let compression = Compression {
+        level: cfg.level,
+        threads,
+    };
     let mut neighbours = JoinSet::new();
-    if cfg.parallel > 1 {
-        for next in ready_neighbours(&wal_dir, &name, cfg.parallel - 1, &markers) {
-            let (repo, markers, level) = (repo.clone(), Arc::clone(&markers), cfg.level);
-            let file = wal_dir.join(next.as_str());
-            neighbours.spawn(async move {
-                match push_file(&repo, &next, &file, cluster, level).await {
-                    Ok((_, digest)) => markers.record(&next, digest),
-                    Err(e) => tracing::warn!(file = %next, error = %e, "parallel push failed; PostgreSQL will retry it"),
-                }
-            });
-        }
+    for next in ahead {
+        let (repo, markers) = (repo.clone(), Arc::clone(&markers));
+        let file = wal_dir.join(next.as_str());
+        neighbours.spawn(async move {
+            match push_file(&repo, &next, &file, cluster, compression).await {
+                Ok((_, digest)) => markers.record(&next, digest),
+                Err(e) => tracing::warn!(file = %next, error = %e, "parallel push failed; PostgreSQL will retry it"),
+            }
+        });
     }
 
     let outcome = match markers.take_if_current(&name, path) {
         Some(()) => Ok(PushOutcome::PushedEarlier),
-        None => push_file(repo, &name, path, cluster, cfg.level)
+        None => push_file(repo, &name, path, cluster, compression)
             .await
             .map(|(o, _)| o),
     };
@@ -261,19 +271,32 @@ fn ready_neighbours(
         .collect()
 }
 
+/// How to compress one file.
+#[derive(Debug, Clone, Copy)]
+struct Compression {
+    level: u32,
+    threads: usize,
+}
+
 async fn push_file(
     repo: &Repo,
     name: &WalFileName,
     path: &Path,
     cluster: u64,
-    level: u32,
+    compression: Compression,
 ) -> Result<(PushOutcome, Sha256Digest), ArchiveError> {
     let (raw, digest, gz) = {
         let (file, file_name) = (path.to_path_buf(), name.clone());
         tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
             let raw = read_wal_file(&file, &file_name, cluster)?;
             let digest = Sha256Digest::of(&raw);
-            let gz = compress::gzip_with_digest(&raw, file_name.as_str(), digest, level);
+            let gz = compress::gzip_parallel(
+                &raw,
+                file_name.as_str(),
+                digest,
+                compression.level,
+                compression.threads,
+            );
             Ok((raw.len(), digest, gz))
         })
         .await

@@ -27,7 +27,10 @@ use pitr_tests::{RunAs, which};
 const SEGMENT: u64 = 16 << 20;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -51,7 +54,12 @@ fn main() {
     let agent_bin = agent().to_path_buf();
     let mut report = String::new();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    writeln!(report, "# WAL archiving benchmark ({cores} cores, PostgreSQL {})", bin.major).ok();
+    writeln!(
+        report,
+        "# WAL archiving benchmark ({cores} cores, PostgreSQL {})",
+        bin.major
+    )
+    .ok();
 
     let corpora = [
         ("pgbench", env_usize("PITR_BENCH_SEGMENTS", 200)),
@@ -64,13 +72,28 @@ fn main() {
         let segments = generate_corpus(&bin, label, count, &pgdata, user);
         eprintln!("bench: measuring on {} segments", segments.len());
         let raw = segments.len() as u64 * SEGMENT;
-        writeln!(report, "\n## corpus `{label}`: {} segments, {} MiB", segments.len(), raw >> 20).ok();
+        writeln!(
+            report,
+            "\n## corpus `{label}`: {} segments, {} MiB",
+            segments.len(),
+            raw >> 20
+        )
+        .ok();
 
         let mut rows = Vec::new();
         let repo = |name: &str| work.path().join(format!("{label}-repo-{name}"));
-        rows.push(replay(&pgdata, &segments, user, "cp + fsync (floor)", &repo("cp"), |seg, dest| {
-            shell(&format!("cp {seg} {dest}/ && sync {dest}/$(basename {seg})"))
-        }));
+        rows.push(replay(
+            &pgdata,
+            &segments,
+            user,
+            "cp + fsync (floor)",
+            &repo("cp"),
+            |seg, dest| {
+                shell(&format!(
+                    "cp {seg} {dest}/ && sync {dest}/$(basename {seg})"
+                ))
+            },
+        ));
         rows.push(replay(&pgdata, &segments, user, "gzip -6", &repo("gz6"), |seg, dest| {
             shell(&format!("gzip -6 -c {seg} > {dest}/$(basename {seg}).gz && sync {dest}/$(basename {seg}).gz"))
         }));
@@ -83,27 +106,56 @@ fn main() {
             }));
         }
         if which("pgbackrest").is_some() {
-            for (name, asynchronous) in [("pgBackRest gz6 sync", false), ("pgBackRest gz6 async process-max 2", true)] {
-                let dir = repo(if asynchronous { "pgbr-async" } else { "pgbr-sync" });
+            for (name, asynchronous) in [
+                ("pgBackRest gz6 sync", false),
+                ("pgBackRest gz6 async process-max 2", true),
+            ] {
+                let dir = repo(if asynchronous {
+                    "pgbr-async"
+                } else {
+                    "pgbr-sync"
+                });
                 let conf = pgbackrest_setup(&dir, &pgdata, asynchronous, user);
-                rows.push(replay(&pgdata, &segments, user, name, &dir.join("repo"), |seg, _| {
-                    let mut c = Command::new("pgbackrest");
-                    c.arg(format!("--config={}", conf.display())).args(["--stanza=bench", "archive-push", seg]);
-                    c
-                }));
+                rows.push(replay(
+                    &pgdata,
+                    &segments,
+                    user,
+                    name,
+                    &dir.join("repo"),
+                    |seg, _| {
+                        let mut c = Command::new("pgbackrest");
+                        c.arg(format!("--config={}", conf.display())).args([
+                            "--stanza=bench",
+                            "archive-push",
+                            seg,
+                        ]);
+                        c
+                    },
+                ));
             }
         } else {
-            writeln!(report, "(pgBackRest not installed: .ci/install-deps.sh --bench)").ok();
+            writeln!(
+                report,
+                "(pgBackRest not installed: .ci/install-deps.sh --bench)"
+            )
+            .ok();
         }
         for parallel in [1, 2, 4] {
             let name = format!("pitr-agent gz6 parallel {parallel}");
             let dir = repo(&format!("agent-p{parallel}"));
-            rows.push(replay(&pgdata, &segments, user, &name, &dir, |seg, dest| {
-                let mut c = Command::new(&agent_bin);
-                c.args(["--repo", &format!("file://{dest}"), "wal-push", seg])
-                    .env("PITR_ARCHIVE_PARALLEL", parallel.to_string());
-                c
-            }));
+            rows.push(replay(
+                &pgdata,
+                &segments,
+                user,
+                &name,
+                &dir,
+                |seg, dest| {
+                    let mut c = Command::new(&agent_bin);
+                    c.args(["--repo", &format!("file://{dest}"), "wal-push", seg])
+                        .env("PITR_ARCHIVE_PARALLEL", parallel.to_string());
+                    c
+                },
+            ));
         }
         table(&rows, raw, &mut report);
         writeln!(level_tables, "\n## corpus `{label}`").ok();
@@ -161,7 +213,10 @@ fn replay(
         latencies.push(t.elapsed());
         peak = peak.max(rss);
         if ok {
-            let _ = std::fs::rename(status.join(format!("{seg}.ready")), status.join(format!("{seg}.done")));
+            let _ = std::fs::rename(
+                status.join(format!("{seg}.ready")),
+                status.join(format!("{seg}.done")),
+            );
         } else {
             failures += 1;
         }
@@ -182,7 +237,10 @@ fn replay(
 /// Runs `cmd` under `/usr/bin/time`, returning success and its peak RSS in KiB.
 fn run_measured(cmd: &Command) -> (bool, i64) {
     let mut timed = Command::new("/usr/bin/time");
-    timed.args(["-f", "pitr-bench-maxrss=%M"]).arg(cmd.get_program()).args(cmd.get_args());
+    timed
+        .args(["-f", "pitr-bench-maxrss=%M"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
         match v {
             Some(v) => timed.env(k, v),
@@ -192,7 +250,9 @@ fn run_measured(cmd: &Command) -> (bool, i64) {
     if let Some(dir) = cmd.get_current_dir() {
         timed.current_dir(dir);
     }
-    timed.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    timed
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     RunAs::test_user().apply(&mut timed);
     let out = timed.output().expect("run /usr/bin/time");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -237,10 +297,17 @@ fn table(rows: &[Row], raw: u64, out: &mut String) {
     for r in rows {
         let mut lat = r.latencies.clone();
         lat.sort();
-        let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
         let secs = r.total.as_secs_f64();
-        let speedup = |base: Option<Duration>| base.map_or("-".into(), |b| format!("{:.2}", b.as_secs_f64() / secs));
-        let size_vs = gz6.map_or("-".into(), |(_, s)| format!("{:+.1} %", (r.stored as f64 / s as f64 - 1.0) * 100.0));
+        let speedup = |base: Option<Duration>| {
+            base.map_or("-".into(), |b| format!("{:.2}", b.as_secs_f64() / secs))
+        };
+        let size_vs = gz6.map_or("-".into(), |(_, s)| {
+            format!("{:+.1} %", (r.stored as f64 / s as f64 - 1.0) * 100.0)
+        });
         writeln!(
             out,
             "| {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {} | {} | {} | {} |",
@@ -275,7 +342,9 @@ fn levels_table(pgdata: &Path, segments: &[String], out: &mut String) {
         .iter()
         .map(|s| {
             let mut c = Command::new("gzip");
-            c.args(["-6", "-c"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+            c.args(["-6", "-c"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
             let mut child = c.spawn().expect("gzip");
             let mut stdin = child.stdin.take().expect("stdin");
             let data = s.clone();
@@ -285,7 +354,13 @@ fn levels_table(pgdata: &Path, segments: &[String], out: &mut String) {
             out.stdout.len() as u64
         })
         .sum();
-    writeln!(out, "\nzlib-rs by level on {} sampled segments (one core), against `gzip -6` = {:.2}:", sample.len(), raw as f64 / gzip6 as f64).ok();
+    writeln!(
+        out,
+        "\nzlib-rs by level on {} sampled segments (one core), against `gzip -6` = {:.2}:",
+        sample.len(),
+        raw as f64 / gzip6 as f64
+    )
+    .ok();
     writeln!(out, "\n| level | ratio | size vs gzip -6 | MB/s |").ok();
     writeln!(out, "|---|---|---|---|").ok();
     for level in [1, 2, 3, 4, 5, 6, 7, 9] {
@@ -328,17 +403,31 @@ fn pgbackrest_setup(dir: &Path, pgdata: &Path, asynchronous: bool, user: RunAs) 
     std::fs::write(&conf, text).expect("write pgbackrest.conf");
     user.chown_tree(dir);
     let mut c = Command::new("pgbackrest");
-    c.arg(format!("--config={}", conf.display())).args(["--stanza=bench", "--no-online", "stanza-create"]);
+    c.arg(format!("--config={}", conf.display())).args([
+        "--stanza=bench",
+        "--no-online",
+        "stanza-create",
+    ]);
     c.current_dir(dir);
     user.apply(&mut c);
     let out = c.output().expect("pgbackrest stanza-create");
-    assert!(out.status.success(), "stanza-create: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stanza-create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     conf
 }
 
 /// Runs a cluster until it has written `count` segments of the corpus, then
 /// leaves a data directory with `global/pg_control` and those segments.
-fn generate_corpus(bin: &PgBin, label: &str, count: usize, pgdata: &Path, user: RunAs) -> Vec<String> {
+fn generate_corpus(
+    bin: &PgBin,
+    label: &str,
+    count: usize,
+    pgdata: &Path,
+    user: RunAs,
+) -> Vec<String> {
     let pg = Postgres::start_new(
         bin,
         &PgOptions {
@@ -354,7 +443,9 @@ fn generate_corpus(bin: &PgBin, label: &str, count: usize, pgdata: &Path, user: 
     );
     let written = |pg: &Postgres| -> usize {
         std::fs::read_dir(pg.wal_dir()).map_or(0, |d| {
-            d.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 24)).count()
+            d.flatten()
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 24))
+                .count()
         })
     };
     match label {
@@ -386,7 +477,11 @@ fn generate_corpus(bin: &PgBin, label: &str, count: usize, pgdata: &Path, user: 
     let names: Vec<String> = names.into_iter().skip(skip).collect();
     std::fs::create_dir_all(pgdata.join("global")).expect("mkdir");
     std::fs::create_dir_all(pgdata.join("pg_wal")).expect("mkdir");
-    std::fs::copy(pg.data.join("global/pg_control"), pgdata.join("global/pg_control")).expect("pg_control");
+    std::fs::copy(
+        pg.data.join("global/pg_control"),
+        pgdata.join("global/pg_control"),
+    )
+    .expect("pg_control");
     std::fs::copy(pg.data.join("PG_VERSION"), pgdata.join("PG_VERSION")).expect("PG_VERSION");
     for n in &names {
         std::fs::rename(pg.wal_dir().join(n), pgdata.join("pg_wal").join(n)).expect("move segment");
