@@ -26,7 +26,7 @@ test: deps
 
 bench:
 	.ci/install-deps.sh --bench
-	cargo bench -p pitr-tests --bench archive
+	cargo bench --workspace --bench archive
 
 lint:
 	cargo fmt --all -- --check

@@ -218,17 +218,19 @@ pub async fn wal_push(
     .await?;
 
     let markers = Arc::new(Markers::new(spool.join("archived"), &repo.url));
+    // Decide first whether the requested file still needs compressing, so
+    // that the cores are split between the files that really do.
+    let done_earlier = markers.take_if_current(&name, path).is_some();
     let ahead = if cfg.parallel > 1 {
         ready_neighbours(&wal_dir, &name, cfg.parallel - 1, &markers)
     } else {
         Vec::new()
     };
-    // Share the cores between the files in flight; one file gets them all.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let threads = (cores / (1 + ahead.len())).max(1);
+    let busy = ahead.len() + usize::from(!done_earlier);
     let compression = Compression {
         level: cfg.level,
-        threads,
+        threads: (cores / busy.max(1)).max(1),
     };
     let mut neighbours = JoinSet::new();
     for next in ahead {
@@ -242,11 +244,12 @@ pub async fn wal_push(
         });
     }
 
-    let outcome = match markers.take_if_current(&name, path) {
-        Some(()) => Ok(PushOutcome::PushedEarlier),
-        None => push_file(repo, &name, path, cluster, compression)
+    let outcome = if done_earlier {
+        Ok(PushOutcome::PushedEarlier)
+    } else {
+        push_file(repo, &name, path, cluster, compression)
             .await
-            .map(|(o, _)| o),
+            .map(|(o, _)| o)
     };
     while neighbours.join_next().await.is_some() {}
     markers.forget_archived(&wal_dir);
