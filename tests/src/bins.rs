@@ -104,3 +104,16 @@ pub fn agent_cmd(user: RunAs) -> Command {
     cmd.env("AWS_EC2_METADATA_DISABLED", "true");
     cmd
 }
+
+/// Runs `cmd` and asserts that it succeeded, showing its stderr if not.
+pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pitr_tests::bins::{agent, agent_cmd};
+use pitr_tests::bins::{agent, agent_cmd, run_ok};
 use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
 use pitr_tests::s3::S3Kind;
 use pitr_tests::{RunAs, user_tempdir, wait_for};
@@ -43,17 +43,13 @@ fn assert_archive_matches(pg: &Postgres, repo: &str, env: &[(String, String)]) -
     let scratch = user_tempdir(user, "compare");
     for name in &segments {
         let dest = scratch.path().join("RECOVERYXLOG");
-        let out = agent_cmd(user)
-            .envs(env.iter().cloned())
-            .args(["--repo", repo, "wal-fetch", name])
-            .arg(&dest)
-            .env("PITR_FETCH_PREFETCH", "0")
-            .output()
-            .expect("run wal-fetch");
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            agent_cmd(user)
+                .envs(env.iter().cloned())
+                .args(["--repo", repo, "wal-fetch", name])
+                .arg(&dest)
+                .env("PITR_FETCH_PREFETCH", "0"),
+            &format!("wal-fetch {name}"),
         );
         let original =
             std::fs::read(pg.wal_dir().join(name)).expect("segment kept by wal_keep_size");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pitr_tests::bins::agent_cmd;
+use pitr_tests::bins::{agent_cmd, run_ok};
 use pitr_tests::fakepg::FakePgData;
 use pitr_tests::{RunAs, user_tempdir, wait_for};
 
@@ -17,16 +17,12 @@ fn prefetches_the_next_segments_into_the_spool() {
         .collect();
     for (i, name) in names.iter().enumerate() {
         pg.add_segment(name, i as u64 + 10);
-        let out = agent_cmd(user)
-            .current_dir(pg.path())
-            .args(["--repo", &repo, "wal-push", &FakePgData::rel(name)])
-            .env("PITR_ARCHIVE_PARALLEL", "1")
-            .output()
-            .expect("push");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            agent_cmd(user)
+                .current_dir(pg.path())
+                .args(["--repo", &repo, "wal-push", &FakePgData::rel(name)])
+                .env("PITR_ARCHIVE_PARALLEL", "1"),
+            "wal-push",
         );
     }
 
@@ -35,16 +31,12 @@ fn prefetches_the_next_segments_into_the_spool() {
     std::fs::create_dir(&pg_wal).expect("mkdir");
     user.chown_tree(&pg_wal);
     let fetch = |name: &str| {
-        let out = agent_cmd(user)
-            .args(["--repo", &repo, "wal-fetch", name])
-            .arg(pg_wal.join("RECOVERYXLOG"))
-            .env("PITR_FETCH_PREFETCH", "3")
-            .output()
-            .expect("fetch");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            agent_cmd(user)
+                .args(["--repo", &repo, "wal-fetch", name])
+                .arg(pg_wal.join("RECOVERYXLOG"))
+                .env("PITR_FETCH_PREFETCH", "3"),
+            "wal-fetch",
         );
         std::fs::read(pg_wal.join("RECOVERYXLOG")).expect("restored")
     };
