@@ -20,7 +20,7 @@ import importlib.metadata as m, sys
 v = tuple(int(x) for x in m.version("moto").split(".")[:3])
 sys.exit(0 if v >= (5, 2, 5) else 1)
 PY
-  command -v moto_server >/dev/null || need_moto=1
+  command -v moto_server >/dev/null || python3 -c 'import moto.server' 2>/dev/null || need_moto=1
   command -v s3s-fs >/dev/null || [ -x "$HOME/.cargo/bin/s3s-fs" ] || need_s3s=1
 fi
 
@@ -38,6 +38,8 @@ fi
 if [ "$need_moto" = 1 ]; then
   echo ">> pip install moto[server]==5.2.5 (5.2.1 answers multipart completion with the wrong XML root)" >&2
   pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
+  # pyenv creates console-script shims (moto_server) only on a rehash.
+  if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 fi
 if [ "$need_s3s" = 1 ]; then
   echo ">> cargo install s3s-fs@0.14.1 (0.15+ needs a newer rustc)" >&2

@@ -48,12 +48,22 @@ fn s3s_fs_binary() -> Option<PathBuf> {
     })
 }
 
+/// Whether moto is importable, for when pip left no `moto_server` on PATH.
+fn moto_module() -> bool {
+    Command::new("python3")
+        .args(["-c", "import moto.server"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 impl S3Server {
     /// Whether `kind`'s server is installed.
     #[must_use]
     pub fn available(kind: S3Kind) -> bool {
         match kind {
-            S3Kind::Moto => which("moto_server").is_some(),
+            S3Kind::Moto => which("moto_server").is_some() || moto_module(),
             S3Kind::S3sFs => s3s_fs_binary().is_some(),
         }
     }
@@ -81,7 +91,13 @@ impl S3Server {
     fn launch(&mut self) {
         let mut cmd = match self.kind {
             S3Kind::Moto => {
-                let mut c = Command::new("moto_server");
+                let mut c = if which("moto_server").is_some() {
+                    Command::new("moto_server")
+                } else {
+                    let mut c = Command::new("python3");
+                    c.args(["-m", "moto.server"]);
+                    c
+                };
                 c.args(["-H", "127.0.0.1", "-p", &self.port.to_string()]);
                 c
             }
