@@ -27,15 +27,10 @@ fn built() -> &'static Built {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "pitr-agent",
-            "-p",
-            "pgrestore",
-            "--bins",
-        ]);
+        // The same package and target selection as `cargo test --workspace`,
+        // so that features unify identically: on a cold checkout this build
+        // then adds only the bench target instead of a second AWS/TLS stack.
+        build.args(["build", "--quiet", "--workspace", "--all-targets"]);
         if release {
             build.arg("--release");
         }
