@@ -88,7 +88,8 @@ pub fn gzip_parallel(
     threads: usize,
 ) -> Vec<u8> {
     let chunks: Vec<&[u8]> = raw.chunks(CHUNK).collect();
-    if chunks.len() <= 1 || threads <= 1 {
+    // One chunk: the chunked form would be the plain stream anyway.
+    if chunks.len() <= 1 {
         return gzip_with_digest(raw, name, digest, level);
     }
     let level = Compression::new(level.min(9));
@@ -125,7 +126,7 @@ pub fn gzip_parallel(
         }
         out
     };
-    let threads = threads.min(chunks.len());
+    let threads = threads.clamp(1, chunks.len());
     let mut parts: Vec<Vec<u8>> = vec![Vec::new(); chunks.len()];
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -287,6 +288,11 @@ mod tests {
         assert_eq!(
             two,
             gzip_parallel(&raw, "seg", digest, 6, 3),
+            "bytes depend on threads"
+        );
+        assert_eq!(
+            two,
+            gzip_parallel(&raw, "seg", digest, 6, 1),
             "bytes depend on threads"
         );
         assert_eq!(header_digest(&two), Some(digest));
