@@ -70,7 +70,7 @@ pub fn gzip_with_digest(raw: &[u8], name: &str, digest: Sha256Digest, level: u32
 }
 
 /// Input per independently compressed chunk in [`gzip_parallel`].
-const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 1 << 20;
 /// The deflate window: each chunk is primed with this much preceding input.
 const WINDOW: usize = 32 * 1024;
 
@@ -92,39 +92,10 @@ pub fn gzip_parallel(
     if chunks.len() <= 1 {
         return gzip_with_digest(raw, name, digest, level);
     }
-    let level = Compression::new(level.min(9));
     let compress_chunk = |index: usize| -> Vec<u8> {
         let start = index * CHUNK;
-        let input = chunks[index];
-        let last = index + 1 == chunks.len();
-        let mut c = flate2::Compress::new(level, false);
-        if start > 0 {
-            c.set_dictionary(&raw[start.saturating_sub(WINDOW)..start])
-                .expect("a fresh raw deflate stream accepts a dictionary");
-        }
-        let mut out = Vec::with_capacity(input.len() / 2 + 1024);
-        let flush = if last {
-            flate2::FlushCompress::Finish
-        } else {
-            flate2::FlushCompress::Sync
-        };
-        loop {
-            let consumed = usize::try_from(c.total_in()).expect("chunk fits in memory");
-            if out.capacity() - out.len() < 1024 {
-                out.reserve(input.len() / 4 + 1024);
-            }
-            let status = c
-                .compress_vec(&input[consumed..], &mut out, flush)
-                .expect("deflate on memory cannot fail");
-            let done = c.total_in() as usize == input.len();
-            match status {
-                flate2::Status::StreamEnd => break,
-                // A sync flush is complete once all input is in and output space remained.
-                _ if done && !last && out.capacity() > out.len() => break,
-                _ => {}
-            }
-        }
-        out
+        let dictionary = &raw[start.saturating_sub(WINDOW)..start];
+        deflate_chunk(chunks[index], dictionary, index + 1 == chunks.len(), level)
     };
     let threads = threads.clamp(1, chunks.len());
     let mut parts: Vec<Vec<u8>> = vec![Vec::new(); chunks.len()];
@@ -148,19 +119,82 @@ pub fn gzip_parallel(
         }
     });
     let comment = format!("{SHA_COMMENT}{}", digest.to_hex());
-    let body: usize = parts.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(body + name.len() + comment.len() + 32);
-    // RFC 1952 header: magic, deflate, FNAME|FCOMMENT, mtime 0, no extra flags, OS unix.
-    out.extend_from_slice(&[0x1f, 0x8b, 8, 0x08 | 0x10, 0, 0, 0, 0, 0, 3]);
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.extend_from_slice(comment.as_bytes());
-    out.push(0);
+    let mut out = gzip_header(name, Some(&comment));
+    out.reserve(parts.iter().map(Vec::len).sum::<usize>() + 8);
     for part in &parts {
         out.extend_from_slice(part);
     }
-    out.extend_from_slice(&crc32fast::hash(raw).to_le_bytes());
-    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&gzip_trailer(crc32fast::hash(raw), raw.len() as u64));
+    out
+}
+
+/// An RFC 1952 member header: deflate, FNAME (and FCOMMENT), mtime 0, OS unix.
+#[must_use]
+pub fn gzip_header(name: &str, comment: Option<&str>) -> Vec<u8> {
+    const FNAME: u8 = 0x08;
+    const FCOMMENT: u8 = 0x10;
+    let flags = FNAME | if comment.is_some() { FCOMMENT } else { 0 };
+    let mut out = vec![0x1f, 0x8b, 8, flags, 0, 0, 0, 0, 0, 3];
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    if let Some(comment) = comment {
+        out.extend_from_slice(comment.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// The member trailer: CRC-32 and length (mod 2^32) of the uncompressed data.
+#[must_use]
+pub fn gzip_trailer(crc: u32, len: u64) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&crc.to_le_bytes());
+    // ISIZE is the length modulo 2^32 (RFC 1952, section 2.3.1).
+    out[4..].copy_from_slice(&((len & 0xFFFF_FFFF) as u32).to_le_bytes());
+    out
+}
+
+/// The deflate blocks that end a stream whose chunks were all sync-flushed:
+/// one empty final block.
+#[must_use]
+pub fn deflate_finish() -> Vec<u8> {
+    deflate_chunk(&[], &[], true, 1)
+}
+
+/// Compresses one chunk as raw deflate, primed with `dictionary` (the up to
+/// 32 KiB of input that precede it). Unless `last`, the output ends with a
+/// sync flush, so chunks compressed independently concatenate into one valid
+/// stream, the way pigz builds it.
+#[must_use]
+pub fn deflate_chunk(input: &[u8], dictionary: &[u8], last: bool, level: u32) -> Vec<u8> {
+    let mut c = flate2::Compress::new(Compression::new(level.min(9)), false);
+    let dictionary = &dictionary[dictionary.len().saturating_sub(WINDOW)..];
+    if !dictionary.is_empty() {
+        c.set_dictionary(dictionary)
+            .expect("a fresh raw deflate stream accepts a dictionary");
+    }
+    let mut out = Vec::with_capacity(input.len() / 2 + 1024);
+    let flush = if last {
+        flate2::FlushCompress::Finish
+    } else {
+        flate2::FlushCompress::Sync
+    };
+    loop {
+        let consumed = usize::try_from(c.total_in()).expect("chunk fits in memory");
+        if out.capacity() - out.len() < 1024 {
+            out.reserve(input.len() / 4 + 1024);
+        }
+        let status = c
+            .compress_vec(&input[consumed..], &mut out, flush)
+            .expect("deflate on memory cannot fail");
+        let done = c.total_in() as usize == input.len();
+        match status {
+            flate2::Status::StreamEnd => break,
+            // A sync flush is complete once all input is in and output space remained.
+            _ if done && !last && out.capacity() > out.len() => break,
+            _ => {}
+        }
+    }
     out
 }
 

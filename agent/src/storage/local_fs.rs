@@ -116,6 +116,27 @@ impl LocalFs {
         .await
     }
 
+    pub(super) async fn get_stream(&self, key: &ObjectKey) -> Result<BoxReader, StorageError> {
+        let path = self.path(key);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_error("read", &path, e))?;
+        Ok(Box::new(tokio::io::BufReader::with_capacity(
+            STREAM_BUFFER,
+            file,
+        )))
+    }
+
+    pub(super) async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        let dir = self.root.join(prefix.trim_end_matches('/'));
+        blocking(move || match fs::remove_dir_all(&dir) {
+            Ok(()) => sync_dir(parent(&dir)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("delete", &dir, e)),
+        })
+        .await
+    }
+
     pub(super) async fn get_prefix(
         &self,
         key: &ObjectKey,
@@ -140,6 +161,7 @@ impl LocalFs {
             Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
                 key,
                 size: meta.len(),
+                modified: meta.modified().ok(),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -211,6 +233,7 @@ fn walk(
             out.push(ObjectMeta {
                 key,
                 size: meta.len(),
+                modified: meta.modified().ok(),
             });
         }
     }

@@ -156,6 +156,8 @@ pub struct ObjectMeta {
     pub key: ObjectKey,
     /// Its size in bytes.
     pub size: u64,
+    /// When it was written, if the store says.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// A storage failure, classified so that callers decide on retries and messages.
@@ -359,6 +361,29 @@ impl Storage {
         let mut objects = dispatch!(self, s => s.list(prefix).await)?;
         objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(objects)
+    }
+
+    /// Streams a whole object, for objects too big to hold in memory.
+    ///
+    /// # Errors
+    /// [`StorageError::NotFound`] when missing; otherwise as classified by the
+    /// backend. Failures after the first byte surface as read errors.
+    pub async fn get_stream(&self, key: &ObjectKey) -> Result<BoxReader, StorageError> {
+        dispatch!(self, s => s.get_stream(key).await)
+    }
+
+    /// Deletes every object under `prefix` (which must end in `/`), including
+    /// what an interrupted upload left: local temp files, unfinished S3
+    /// multipart uploads.
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidKey`] for a prefix not ending in `/`; otherwise as
+    /// classified by the backend.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        if !prefix.ends_with('/') || ObjectKey::new(prefix.trim_end_matches('/')).is_err() {
+            return Err(StorageError::InvalidKey(prefix.to_owned()));
+        }
+        dispatch!(self, s => s.delete_prefix(prefix).await)
     }
 
     /// Deletes an object; deleting a missing object succeeds.

@@ -275,6 +275,52 @@ impl S3Store {
         }
     }
 
+    pub(super) async fn get_stream(&self, key: &ObjectKey) -> Result<BoxReader, StorageError> {
+        let location = self.location(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .send()
+            .await
+            .map_err(|e| self.classify("download", location, e))?;
+        Ok(Box::new(out.body.into_async_read()))
+    }
+
+    pub(super) async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        for object in self.list(prefix).await? {
+            self.delete(&object.key).await?;
+        }
+        // An upload killed midway leaves an invisible multipart upload that
+        // still costs storage until it is aborted.
+        let full_prefix = self.full_key(prefix);
+        let location = format!("s3://{}/{full_prefix}", self.bucket);
+        let uploads = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .send()
+            .await;
+        match uploads {
+            Ok(page) => {
+                for upload in page.uploads() {
+                    if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
+                        self.abort(key, id).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                location,
+                error = %DisplayErrorContext(&e),
+                "could not list unfinished multipart uploads; a lifecycle rule for incomplete \
+                 uploads will remove them"
+            ),
+        }
+        Ok(())
+    }
+
     pub(super) async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
         self.get_range(key, None).await
     }
@@ -331,6 +377,7 @@ impl S3Store {
             Ok(out) => Ok(Some(ObjectMeta {
                 key: key.clone(),
                 size: u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0),
+                modified: out.last_modified().and_then(system_time),
             })),
             Err(e) => match self.classify("inspect", location, e) {
                 StorageError::NotFound(_) => Ok(None),
@@ -365,6 +412,7 @@ impl S3Store {
                     out.push(ObjectMeta {
                         key,
                         size: u64::try_from(object.size().unwrap_or(0)).unwrap_or(0),
+                        modified: object.last_modified().and_then(system_time),
                     });
                 }
             }
@@ -478,4 +526,8 @@ where
             detail: detail(),
         },
     }
+}
+
+fn system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<std::time::SystemTime> {
+    std::time::SystemTime::try_from(*t).ok()
 }
