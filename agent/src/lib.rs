@@ -3,17 +3,27 @@
 //! This library is shared by the `pitr-agent` and `pgrestore` binaries. Start here:
 //! - [`wal`]: LSNs, timelines, WAL file names, `.history` files;
 //! - [`storage`]: the repository's object store (`file://`, `s3://`);
-//! - [`catalog`]: the repository layout and its owner record;
+//! - [`catalog`]: the repository layout, its owner record, backup records, retention;
 //! - [`compress`]: gzip with an embedded SHA-256;
 //! - [`archive`]: `wal-push` and `wal-fetch`;
+//! - [`backup`]: `backup` (pg_basebackup streamed into the repository);
+//! - [`verify`]: `verify` (backups and WAL continuity) and its findings;
+//! - [`prune`]: applying a retention plan;
+//! - [`pgconn`]: connecting to PostgreSQL, finding its client programs;
 //! - [`pgdata`]: what is read from a data directory;
+//! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
 //! - [`cli`]: the flags and environment both binaries share.
 #![warn(missing_docs)]
 
 pub mod archive;
+pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod compress;
+pub mod pgconn;
 pub mod pgdata;
+pub mod prune;
+pub mod report;
 pub mod storage;
+pub mod verify;
 pub mod wal;

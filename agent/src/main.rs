@@ -6,10 +6,18 @@ use std::process::{ExitCode, Stdio};
 use anyhow::Context as _;
 use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
+use std::time::{Duration, SystemTime};
+
 use pitr_agent::archive::{self, FetchConfig, PrefetchRequest, PushConfig};
+use pitr_agent::backup::{self, BackupConfig, Checkpoint};
+use pitr_agent::catalog::backup::{BackupId, Catalog};
+use pitr_agent::catalog::retention::{RetentionPlan, RetentionPolicy};
 use pitr_agent::cli::{RepoArgs, init_tracing};
 use pitr_agent::compress::DEFAULT_LEVEL;
+use pitr_agent::pgconn::PgArgs;
+use pitr_agent::verify::{self, VerifyOptions};
 use pitr_agent::wal::WalFileName;
+use pitr_agent::{prune, report};
 
 /// Continuous WAL archiving and base backups for PostgreSQL.
 #[derive(Debug, Parser)]
@@ -22,12 +30,19 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(clippy::enum_variant_names)] // more commands (backup, verify, prune) are coming
 enum Command {
     /// Archive one WAL file. Use as: archive_command = 'pitr-agent wal-push %p'
     WalPush(WalPushArgs),
     /// Restore one WAL file. Use as: restore_command = 'pitr-agent wal-fetch %f %p'
     WalFetch(WalFetchArgs),
+    /// Take a base backup with pg_basebackup, streamed into the repository.
+    Backup(BackupArgs),
+    /// Show backups and the restorable window.
+    List(ListArgs),
+    /// Re-read backups and check WAL continuity. Exit 0 clean, 1 findings, 2 failure.
+    Verify(VerifyArgs),
+    /// Delete backups and WAL that retention no longer needs.
+    Prune(PruneArgs),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
@@ -66,6 +81,87 @@ struct WalFetchArgs {
     /// Spool directory [default: pitr_spool beside the destination].
     #[arg(long, env = "PITR_SPOOL")]
     spool: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    pg: PgArgs,
+    /// How the backup's checkpoint is taken.
+    #[arg(long, env = "PITR_BACKUP_CHECKPOINT", value_enum, default_value_t = Checkpoint::Fast)]
+    checkpoint: Checkpoint,
+    /// Limit the read rate on the server, as pg_basebackup --max-rate (e.g. 100M).
+    #[arg(long, env = "PITR_BACKUP_MAX_RATE")]
+    max_rate: Option<String>,
+    /// gzip level, 1 (fastest) to 9 (smallest).
+    #[arg(long, env = "PITR_COMPRESS_LEVEL", default_value_t = DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    compress_level: u32,
+    /// Compression threads [default: the number of CPUs].
+    #[arg(long, env = "PITR_COMPRESS_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
+    compress_threads: Option<usize>,
+    /// Print the committed backup.json instead of a summary line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    clock: ClockArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    /// Only this backup's data (WAL is checked from its start).
+    #[arg(long)]
+    backup: Option<BackupId>,
+    /// Warn when the newest backup is older than this, e.g. 26h.
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    clock: ClockArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct PruneArgs {
+    /// Keep the newest N backups.
+    #[arg(long, env = "PITR_RETAIN_FULL")]
+    retain_full: Option<usize>,
+    /// Keep every point of the last D days restorable.
+    #[arg(long, env = "PITR_RETAIN_DAYS")]
+    retain_days: Option<u32>,
+    /// Incomplete backups younger than this are left alone (they may be running).
+    #[arg(long, env = "PITR_DEBRIS_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    debris_grace: Duration,
+    /// Print the plan and delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    clock: ClockArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClockArgs {
+    /// The time to act as of, RFC 3339 (for tests and what-if runs).
+    #[arg(long, env = "PITR_NOW", hide = true, value_parser = humantime::parse_rfc3339_weak)]
+    now: Option<SystemTime>,
+}
+
+impl ClockArgs {
+    fn now(&self) -> SystemTime {
+        self.now.unwrap_or_else(SystemTime::now)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +240,107 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => Err(anyhow::Error::new(e).context(format!("wal-fetch {}", args.name))),
             }
+        }
+        Command::Backup(args) => {
+            let repo = cli.repo.open().await?;
+            let pg = args.pg.resolve();
+            let cfg = BackupConfig {
+                checkpoint: args.checkpoint,
+                max_rate: args.max_rate,
+                level: args.compress_level,
+                threads: args.compress_threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+                }),
+            };
+            let record = backup::run_backup(&repo, &pg, &cfg)
+                .await
+                .with_context(|| format!("backup of {} into {}", pg.describe(), repo.url))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+            } else {
+                println!(
+                    "backup {} committed: {} read, {} stored, WAL {}..{} (LSN {}..{}, timeline {}), took {}",
+                    record.id,
+                    report::bytes(record.raw_bytes),
+                    report::bytes(record.stored_bytes),
+                    record.first_wal,
+                    record.last_wal,
+                    record.start_lsn,
+                    record.stop_lsn,
+                    record.timeline,
+                    report::age(record.duration())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List(args) => {
+            let repo = cli.repo.open().await?;
+            let catalog = Catalog::load(&repo.storage)
+                .await
+                .with_context(|| format!("list {}", repo.url))?;
+            let listing = report::listing(&catalog, args.clock.now());
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", report::listing_table(&listing));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let repo = cli.repo.open().await?;
+            let catalog = Catalog::load(&repo.storage)
+                .await
+                .with_context(|| format!("verify {}", repo.url))?;
+            let opts = VerifyOptions {
+                backup: args.backup,
+                max_age: args.max_age,
+                now: args.clock.now(),
+            };
+            let result = verify::verify(&repo.storage, &catalog, &opts)
+                .await
+                .with_context(|| format!("verify {}", repo.url))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                print!("{}", report::verify_text(&result));
+            }
+            Ok(if result.findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Prune(args) => {
+            let repo = cli.repo.open().await?;
+            let catalog = Catalog::load(&repo.storage)
+                .await
+                .with_context(|| format!("prune {}", repo.url))?;
+            let policy = RetentionPolicy {
+                retain_full: args.retain_full,
+                retain_days: args.retain_days,
+                debris_grace: args.debris_grace,
+            };
+            let plan = RetentionPlan::compute(&catalog, &policy, args.clock.now())?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", report::plan_text(&plan, args.dry_run));
+            }
+            if !args.dry_run && !plan.is_empty() {
+                let outcome = prune::apply(&repo.storage, &plan)
+                    .await
+                    .with_context(|| format!("prune {}", repo.url))?;
+                if !args.json {
+                    println!(
+                        "deleted {} backups, {} WAL files ({}), {} incomplete backups",
+                        outcome.backups,
+                        outcome.wal_files,
+                        report::bytes(outcome.wal_bytes),
+                        outcome.debris
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::WalPrefetch(args) => {
             // Never fail and never panic: the foreground fetch covers any gap,

@@ -3,11 +3,15 @@
 //!
 //! Layout (see docs/repository.md):
 //! - `pitr-repository.json`: format version and the owner's system identifier;
-//! - `wal/<walfile>.gz`: every archived WAL file, plain gzip.
+//! - `wal/<walfile>.gz`: every archived WAL file, plain gzip;
+//! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last.
 //!
-//! Knows nothing about how objects are stored or how WAL is produced.
+//! Also the retention planner. Knows nothing about how objects are stored or
+//! how WAL and backups are produced.
 
+pub mod backup;
 mod identity;
+pub mod retention;
 
 pub use identity::{OwnerError, RepositoryOwner, ensure_owner};
 

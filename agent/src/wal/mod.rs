@@ -54,7 +54,10 @@ impl FromStr for Lsn {
 }
 
 /// A timeline id: 1 after initdb, incremented by every promotion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct TimelineId(pub u32);
 
 impl fmt::Display for TimelineId {

@@ -1,0 +1,434 @@
+//! Base backups in the repository: their ids, their keys, the `backup.json`
+//! record that commits each one, and the catalog read back from a listing.
+//!
+//! A backup exists only once its `backup.json` does; everything else under
+//! `backups/<id>/` without one is debris from an interrupted run.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{ObjectKey, ObjectMeta, Storage, StorageError};
+use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
+
+use super::{WAL_PREFIX, wal_name_of};
+
+/// The prefix under which backups live.
+pub const BACKUPS_PREFIX: &str = "backups/";
+/// The record that commits a backup; written last.
+pub const RECORD_FILE: &str = "backup.json";
+/// Written first, so that an interrupted backup is visible as debris.
+pub const STARTED_FILE: &str = "started.json";
+/// The compressed tar of the data directory.
+pub const DATA_FILE: &str = "base.tar.gz";
+/// PostgreSQL's `backup_manifest`, as pg_basebackup produced it.
+pub const MANIFEST_FILE: &str = "backup_manifest";
+/// The `backup.json` format this build writes and reads.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// A backup id: the UTC time it started, `YYYYMMDDTHHMMSSZ`, so ids sort by age.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+impl BackupId {
+    /// The id for a backup starting at `time`.
+    #[must_use]
+    pub fn at(time: SystemTime) -> Self {
+        let text = humantime::format_rfc3339_seconds(time).to_string();
+        // 2026-11-22T06:52:00Z -> 20261122T065200Z
+        BackupId(text.replace(['-', ':'], ""))
+    }
+
+    /// When the backup started, from the id.
+    #[must_use]
+    pub fn time(&self) -> Option<SystemTime> {
+        let s = &self.0;
+        let rfc = format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            s.get(0..4)?,
+            s.get(4..6)?,
+            s.get(6..8)?,
+            s.get(9..11)?,
+            s.get(11..13)?,
+            s.get(13..15)?
+        );
+        humantime::parse_rfc3339(&rfc).ok()
+    }
+
+    /// The id as text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The prefix holding this backup's objects.
+    #[must_use]
+    pub fn prefix(&self) -> String {
+        format!("{BACKUPS_PREFIX}{}/", self.0)
+    }
+
+    /// The key of one of this backup's files.
+    #[must_use]
+    pub fn key(&self, file: &str) -> ObjectKey {
+        ObjectKey::new(format!("{}{file}", self.prefix()))
+            .expect("ids and file names are valid keys")
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for BackupId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let id = BackupId(s.to_owned());
+        let suffix_ok = s.get(16..).is_none_or(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix('-')
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty())
+        });
+        if s.len() >= 16 && s.as_bytes()[15] == b'Z' && suffix_ok && id.time().is_some() {
+            Ok(id)
+        } else {
+            Err(format!(
+                "invalid backup id {s:?}: expected the form 20261122T020000Z, as `pitr-agent list` shows"
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> Self {
+        id.0
+    }
+}
+
+/// A stored object of a backup, with its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoredObject {
+    /// The file name inside the backup's prefix.
+    pub name: String,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// SHA-256 of the stored bytes, hex.
+    pub sha256: String,
+}
+
+/// `backup.json`: everything needed to list, verify and restore a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackupRecord {
+    /// Format version.
+    pub format: u32,
+    /// The id.
+    pub id: BackupId,
+    /// The label given to PostgreSQL.
+    pub label: String,
+    /// The cluster's system identifier, decimal.
+    pub system_identifier: String,
+    /// `server_version_num`, e.g. 150018.
+    pub pg_version: u32,
+    /// The WAL segment size in bytes.
+    pub wal_segment_size: u32,
+    /// Timeline where the backup starts.
+    pub start_timeline: TimelineId,
+    /// Timeline where it becomes consistent.
+    pub timeline: TimelineId,
+    /// `START WAL LOCATION`.
+    #[serde(with = "lsn_text")]
+    pub start_lsn: Lsn,
+    /// The LSN where the backup is consistent (end of the WAL range).
+    #[serde(with = "lsn_text")]
+    pub stop_lsn: Lsn,
+    /// The first WAL segment the backup needs.
+    pub first_wal: String,
+    /// The last WAL segment the backup needs.
+    pub last_wal: String,
+    /// Whether that WAL is inside the tar (`pg_wal/`), so the backup restores alone.
+    pub wal_included: bool,
+    /// When the backup started (before `pg_basebackup` was launched), RFC 3339.
+    #[serde(with = "time_text")]
+    pub start_time: SystemTime,
+    /// When it ended (after `pg_basebackup` finished), RFC 3339.
+    #[serde(with = "time_text")]
+    pub stop_time: SystemTime,
+    /// Bytes of the uncompressed tar.
+    pub raw_bytes: u64,
+    /// Bytes stored, over all objects.
+    pub stored_bytes: u64,
+    /// The checksum algorithm of `backup_manifest`'s per-file checksums.
+    pub manifest_checksums: String,
+    /// Every object of the backup except this record.
+    pub objects: Vec<StoredObject>,
+    /// The tool and version that took it.
+    pub created_by: String,
+}
+
+impl BackupRecord {
+    /// How long the backup took.
+    #[must_use]
+    pub fn duration(&self) -> Duration {
+        self.stop_time
+            .duration_since(self.start_time)
+            .unwrap_or_default()
+    }
+
+    /// The segment number where the backup's WAL starts.
+    #[must_use]
+    pub fn start_segment(&self) -> SegmentNo {
+        self.start_lsn.segment(self.wal_segment_size)
+    }
+}
+
+mod lsn_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::wal::Lsn;
+
+    pub fn serialize<S: Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(lsn)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// RFC 3339 timestamps in UTC.
+pub mod time_text {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `2026-11-22T06:52:00.123Z`.
+    ///
+    /// # Errors
+    /// As the serializer's.
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    /// Reads RFC 3339 in UTC.
+    ///
+    /// # Errors
+    /// Not a UTC RFC 3339 time.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A backup directory without a readable `backup.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incomplete {
+    /// The id.
+    pub id: BackupId,
+    /// What is there.
+    pub objects: Vec<ObjectMeta>,
+    /// Why it does not count: missing or unreadable record.
+    pub reason: String,
+}
+
+/// One archived WAL object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalObject {
+    /// The WAL file it holds.
+    pub name: WalFileName,
+    /// Its metadata.
+    pub meta: ObjectMeta,
+}
+
+/// What the repository holds, from one listing.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Committed backups, oldest first (by stop LSN, then id).
+    pub backups: Vec<BackupRecord>,
+    /// Backup directories that do not count.
+    pub incomplete: Vec<Incomplete>,
+    /// Every WAL object, sorted by name.
+    pub wal: Vec<WalObject>,
+    /// Objects of committed backups, by id, as listed.
+    pub backup_objects: BTreeMap<BackupId, Vec<ObjectMeta>>,
+}
+
+impl Catalog {
+    /// Lists the repository and reads every `backup.json`.
+    ///
+    /// # Errors
+    /// Listing or reading fails.
+    pub async fn load(storage: &Storage) -> Result<Self, StorageError> {
+        let mut by_id: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+        for object in storage.list(BACKUPS_PREFIX).await? {
+            let rest = &object.key.as_str()[BACKUPS_PREFIX.len()..];
+            if let Some((id, _)) = rest.split_once('/') {
+                by_id.entry(id.to_owned()).or_default().push(object);
+            }
+        }
+        let mut catalog = Catalog::default();
+        for (id_text, objects) in by_id {
+            let Ok(id) = id_text.parse::<BackupId>() else {
+                tracing::debug!(dir = %id_text, "ignoring a foreign directory under backups/");
+                continue;
+            };
+            let record_key = id.key(RECORD_FILE);
+            if !objects.iter().any(|o| o.key == record_key) {
+                catalog.incomplete.push(Incomplete {
+                    id,
+                    objects,
+                    reason: "no backup.json: the backup was interrupted or is still running".into(),
+                });
+                continue;
+            }
+            let body = match storage.get(&record_key).await {
+                Ok(body) => body,
+                // Deleted between the listing and now, by a concurrent prune.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            match serde_json::from_slice::<BackupRecord>(&body) {
+                Ok(record) if record.format <= RECORD_FORMAT && record.id == id => {
+                    catalog.backup_objects.insert(id, objects);
+                    catalog.backups.push(record);
+                }
+                Ok(record) if record.id != id => catalog.incomplete.push(Incomplete {
+                    id,
+                    objects,
+                    reason: format!("backup.json names another backup ({})", record.id),
+                }),
+                Ok(record) => catalog.incomplete.push(Incomplete {
+                    id,
+                    objects,
+                    reason: format!(
+                        "backup.json format {} is newer than this pitr-agent reads; upgrade",
+                        record.format
+                    ),
+                }),
+                Err(e) => catalog.incomplete.push(Incomplete {
+                    id,
+                    objects,
+                    reason: format!("backup.json is unreadable: {e}"),
+                }),
+            }
+        }
+        catalog
+            .backups
+            .sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
+        for object in storage.list(WAL_PREFIX).await? {
+            if let Some(name) = wal_name_of(&object.key) {
+                catalog.wal.push(WalObject { name, meta: object });
+            }
+        }
+        catalog
+            .wal
+            .sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        Ok(catalog)
+    }
+
+    /// The WAL segment size of the repository's backups (the default without any).
+    #[must_use]
+    pub fn segment_size(&self) -> u32 {
+        self.backups
+            .last()
+            .map_or(crate::wal::DEFAULT_SEGMENT_SIZE, |b| b.wal_segment_size)
+    }
+
+    /// The newest archived WAL segment (full or partial), by name.
+    #[must_use]
+    pub fn newest_segment(&self) -> Option<&WalObject> {
+        self.wal
+            .iter()
+            .filter(|w| matches!(w.name.kind(), WalFileKind::Segment | WalFileKind::Partial))
+            .max_by(|a, b| {
+                let seg = self.segment_size();
+                (a.name.segment_no(seg), a.name.timeline())
+                    .cmp(&(b.name.segment_no(seg), b.name.timeline()))
+            })
+    }
+
+    /// The window of times a restore can reach: from the oldest backup's end
+    /// to the newest archived WAL (or the newest backup's end, if later).
+    #[must_use]
+    pub fn restorable_window(&self) -> Option<RestorableWindow> {
+        let oldest = self.backups.iter().min_by_key(|b| b.stop_time)?;
+        let newest_backup_end = self.backups.iter().map(|b| b.stop_time).max()?;
+        let newest_wal = self.newest_segment();
+        let wal_time = newest_wal.and_then(|w| w.meta.modified);
+        let end = match wal_time {
+            Some(t) if t > newest_backup_end => t,
+            _ => newest_backup_end,
+        };
+        Some(RestorableWindow {
+            start: oldest.stop_time,
+            end,
+            newest_wal: newest_wal.map(|w| w.name.to_string()),
+        })
+    }
+}
+
+/// The times a restore can reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RestorableWindow {
+    /// The oldest backup's end.
+    #[serde(with = "time_text")]
+    pub start: SystemTime,
+    /// About when the newest archived WAL was written.
+    #[serde(with = "time_text")]
+    pub end: SystemTime,
+    /// The newest archived WAL segment.
+    pub newest_wal: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_sort() {
+        let t = humantime::parse_rfc3339("2026-11-22T06:52:07Z").expect("time");
+        let id = BackupId::at(t);
+        assert_eq!(id.as_str(), "20261122T065207Z");
+        assert_eq!(id.time(), Some(t));
+        assert_eq!(
+            id.key(RECORD_FILE).as_str(),
+            "backups/20261122T065207Z/backup.json"
+        );
+        assert_eq!(
+            "20261122T065207Z-2"
+                .parse::<BackupId>()
+                .expect("suffix")
+                .time(),
+            Some(t)
+        );
+        for bad in [
+            "",
+            "latest",
+            "20261122T065207",
+            "20261122T065207Z-",
+            "2026112xT065207Z",
+            "20261122T065207Z/x",
+        ] {
+            assert!(bad.parse::<BackupId>().is_err(), "{bad:?} accepted");
+        }
+        assert!(BackupId::at(t) < BackupId::at(t + Duration::from_secs(1)));
+    }
+}

@@ -1,0 +1,362 @@
+//! Retention: which backups, WAL and debris `prune` deletes.
+//!
+//! [`RetentionPlan::compute`] is pure (catalog, policy, clock in; plan out),
+//! so every rule is unit-tested without a repository. Applying a plan lives in
+//! the `prune` module.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::backup::{BackupId, Catalog};
+use crate::wal::{SegmentNo, WalFileKind, WalFileName};
+
+/// What to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionPolicy {
+    /// Keep the newest N backups.
+    pub retain_full: Option<usize>,
+    /// Keep every point of the last D days restorable.
+    pub retain_days: Option<u32>,
+    /// Incomplete backups older than this are debris.
+    pub debris_grace: Duration,
+}
+
+/// Why a policy cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// Nothing says what to keep.
+    #[error("no retention policy: give --retain-full N and/or --retain-days D")]
+    Missing,
+    /// A count of zero would delete every backup.
+    #[error("--retain-full 0 would delete every backup; keep at least 1")]
+    ZeroCount,
+}
+
+/// What prune will do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RetentionPlan {
+    /// Backups kept, oldest first, with the reason.
+    pub keep: Vec<Kept>,
+    /// Backups deleted, oldest first.
+    pub delete_backups: Vec<BackupId>,
+    /// WAL files deleted: older than every kept backup's start.
+    pub delete_wal: Vec<String>,
+    /// Their stored bytes.
+    pub delete_wal_bytes: u64,
+    /// Incomplete backups past the grace period.
+    pub delete_debris: Vec<BackupId>,
+    /// The oldest segment number still needed, if any backup is kept.
+    #[serde(skip)]
+    pub wal_floor: Option<SegmentNo>,
+}
+
+/// A kept backup and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Kept {
+    /// The backup.
+    pub id: BackupId,
+    /// Which rule keeps it.
+    pub reason: &'static str,
+}
+
+impl RetentionPlan {
+    /// Plans retention for `catalog` under `policy` at time `now`.
+    ///
+    /// Both policies may be given; a backup either of them keeps is kept. The
+    /// newest backup is always kept. WAL below the oldest kept backup's start
+    /// segment is deleted, on every timeline; `.history` files never are.
+    ///
+    /// # Errors
+    /// [`PolicyError`] when the policy keeps nothing by construction.
+    pub fn compute(
+        catalog: &Catalog,
+        policy: &RetentionPolicy,
+        now: SystemTime,
+    ) -> Result<Self, PolicyError> {
+        if policy.retain_full.is_none() && policy.retain_days.is_none() {
+            return Err(PolicyError::Missing);
+        }
+        if policy.retain_full == Some(0) {
+            return Err(PolicyError::ZeroCount);
+        }
+        let backups = &catalog.backups;
+        let count = backups.len();
+        let mut reasons: Vec<Option<&'static str>> = vec![None; count];
+        if let Some(n) = policy.retain_full {
+            for reason in reasons.iter_mut().skip(count.saturating_sub(n)) {
+                *reason = Some("retain-full");
+            }
+        }
+        if let Some(days) = policy.retain_days {
+            let cutoff = now
+                .checked_sub(Duration::from_secs(u64::from(days) * 86_400))
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            // Every backup that ended inside the window, plus the newest one that
+            // ended before it: that one is where a restore to the window's start begins.
+            let mut anchor = None;
+            for (i, b) in backups.iter().enumerate() {
+                if b.stop_time > cutoff {
+                    reasons[i].get_or_insert("retain-days");
+                } else {
+                    anchor = Some(i);
+                }
+            }
+            if let Some(i) = anchor {
+                reasons[i].get_or_insert("retain-days (covers the window's start)");
+            }
+        }
+        if let Some(last) = reasons.last_mut() {
+            last.get_or_insert("newest backup");
+        }
+        let mut keep = Vec::new();
+        let mut delete_backups = Vec::new();
+        for (b, reason) in backups.iter().zip(&reasons) {
+            match reason {
+                Some(reason) => keep.push(Kept {
+                    id: b.id.clone(),
+                    reason,
+                }),
+                None => delete_backups.push(b.id.clone()),
+            }
+        }
+        let wal_floor = backups
+            .iter()
+            .zip(&reasons)
+            .filter(|(_, r)| r.is_some())
+            .map(|(b, _)| b.start_segment())
+            .min();
+        let segment_size = catalog.segment_size();
+        let mut delete_wal = Vec::new();
+        let mut delete_wal_bytes = 0;
+        if let Some(floor) = wal_floor {
+            for w in &catalog.wal {
+                if is_deletable_wal(&w.name, floor, segment_size) {
+                    delete_wal.push(w.name.to_string());
+                    delete_wal_bytes += w.meta.size;
+                }
+            }
+        }
+        let delete_debris = catalog
+            .incomplete
+            .iter()
+            .filter(|inc| {
+                inc.id
+                    .time()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age >= policy.debris_grace)
+            })
+            .map(|inc| inc.id.clone())
+            .collect();
+        Ok(RetentionPlan {
+            keep,
+            delete_backups,
+            delete_wal,
+            delete_wal_bytes,
+            delete_debris,
+            wal_floor,
+        })
+    }
+
+    /// Whether the plan deletes nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.delete_backups.is_empty()
+            && self.delete_wal.is_empty()
+            && self.delete_debris.is_empty()
+    }
+}
+
+/// Whether `name` lies wholly before segment `floor`. History files are
+/// always kept: they are tiny, and recovery needs every one of them to pick
+/// a fresh timeline.
+fn is_deletable_wal(name: &WalFileName, floor: SegmentNo, segment_size: u32) -> bool {
+    match name.kind() {
+        WalFileKind::TimelineHistory => false,
+        WalFileKind::Segment | WalFileKind::Partial | WalFileKind::BackupHistory => name
+            .segment_no(segment_size)
+            .is_some_and(|segno| segno < floor),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::backup::{BackupRecord, Incomplete, WalObject};
+    use crate::storage::{ObjectKey, ObjectMeta};
+    use crate::wal::{DEFAULT_SEGMENT_SIZE, Lsn, TimelineId};
+
+    const DAY: u64 = 86_400;
+
+    fn at(days: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + days * DAY)
+    }
+
+    /// A backup that ended on `day`, starting at segment `segno`.
+    fn backup(day: u64, segno: u64) -> BackupRecord {
+        let start = at(day) - Duration::from_secs(600);
+        BackupRecord {
+            format: 1,
+            id: BackupId::at(start),
+            label: String::new(),
+            system_identifier: "1".into(),
+            pg_version: 150_000,
+            wal_segment_size: DEFAULT_SEGMENT_SIZE,
+            start_timeline: TimelineId(1),
+            timeline: TimelineId(1),
+            start_lsn: Lsn(segno * u64::from(DEFAULT_SEGMENT_SIZE) + 40),
+            stop_lsn: Lsn(segno * u64::from(DEFAULT_SEGMENT_SIZE) + 400),
+            first_wal: String::new(),
+            last_wal: String::new(),
+            wal_included: true,
+            start_time: start,
+            stop_time: at(day),
+            raw_bytes: 0,
+            stored_bytes: 0,
+            manifest_checksums: "CRC32C".into(),
+            objects: vec![],
+            created_by: String::new(),
+        }
+    }
+
+    fn wal(name: &str) -> WalObject {
+        WalObject {
+            name: name.parse().expect("valid"),
+            meta: ObjectMeta {
+                key: ObjectKey::new(format!("wal/{name}.gz")).expect("key"),
+                size: 10,
+                modified: None,
+            },
+        }
+    }
+
+    /// Backups ending on days 0, 7, 14, 21 at segments 0x10, 0x20, 0x30, 0x40, and WAL around them.
+    fn catalog() -> Catalog {
+        let mut c = Catalog::default();
+        for (day, seg) in [(0, 0x10), (7, 0x20), (14, 0x30), (21, 0x40)] {
+            c.backups.push(backup(day, seg));
+        }
+        for name in [
+            "000000010000000000000010",
+            "00000001000000000000001F",
+            "000000010000000000000020",
+            "000000010000000000000020.00000028.backup",
+            "00000002.history",
+            "00000001000000000000002F.partial",
+            "00000002000000000000002F",
+            "000000020000000000000041",
+        ] {
+            c.wal.push(wal(name));
+        }
+        c
+    }
+
+    fn policy(full: Option<usize>, days: Option<u32>) -> RetentionPolicy {
+        RetentionPolicy {
+            retain_full: full,
+            retain_days: days,
+            debris_grace: Duration::from_secs(DAY),
+        }
+    }
+
+    fn ids(plan: &[BackupId], c: &Catalog) -> Vec<usize> {
+        plan.iter()
+            .map(|id| c.backups.iter().position(|b| &b.id == id).expect("known"))
+            .collect()
+    }
+
+    #[test]
+    fn count_keeps_the_newest_and_the_wal_they_need() {
+        let c = catalog();
+        let plan = RetentionPlan::compute(&c, &policy(Some(2), None), at(22)).expect("plan");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1]);
+        assert_eq!(plan.keep.len(), 2);
+        assert_eq!(plan.wal_floor, Some(SegmentNo(0x30)));
+        assert_eq!(
+            plan.delete_wal,
+            vec![
+                "000000010000000000000010",
+                "00000001000000000000001F",
+                "000000010000000000000020",
+                "000000010000000000000020.00000028.backup",
+                "00000001000000000000002F.partial",
+                "00000002000000000000002F",
+            ]
+        );
+        assert_eq!(plan.delete_wal_bytes, 60);
+    }
+
+    #[test]
+    fn window_keeps_the_backup_that_covers_its_start() {
+        let c = catalog();
+        // Window of 10 days on day 22: from day 12. Backup of day 14 and 21 are
+        // inside; day 7 is the newest before the window, so it stays too.
+        let plan = RetentionPlan::compute(&c, &policy(None, Some(10)), at(22)).expect("plan");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0]);
+        assert_eq!(
+            plan.keep[0].reason,
+            "retain-days (covers the window's start)"
+        );
+        assert_eq!(plan.wal_floor, Some(SegmentNo(0x20)));
+        assert!(
+            plan.delete_wal
+                .iter()
+                .all(|w| w.as_str() < "000000010000000000000020")
+        );
+        // A window starting exactly at a backup's end: that backup covers the
+        // start, and the one before it is no longer needed.
+        let plan = RetentionPlan::compute(&c, &policy(None, Some(7)), at(21)).expect("plan");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1]);
+    }
+
+    #[test]
+    fn both_policies_keep_the_union() {
+        let c = catalog();
+        let plan = RetentionPlan::compute(&c, &policy(Some(3), Some(1)), at(22)).expect("plan");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0]);
+    }
+
+    #[test]
+    fn the_newest_backup_always_survives() {
+        let c = catalog();
+        // Every backup is older than the window: the newest still covers it.
+        let plan = RetentionPlan::compute(&c, &policy(None, Some(1)), at(400)).expect("plan");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1, 2]);
+        assert_eq!(plan.keep.len(), 1);
+        assert!(RetentionPlan::compute(&c, &policy(Some(0), None), at(22)).is_err());
+        assert_eq!(
+            RetentionPlan::compute(&c, &policy(None, None), at(22)),
+            Err(PolicyError::Missing)
+        );
+    }
+
+    #[test]
+    fn without_backups_nothing_but_debris_goes() {
+        let mut c = catalog();
+        c.backups.clear();
+        let old = BackupId::at(at(20));
+        let fresh = BackupId::at(at(22) - Duration::from_secs(60));
+        for id in [&old, &fresh] {
+            c.incomplete.push(Incomplete {
+                id: id.clone(),
+                objects: vec![],
+                reason: String::new(),
+            });
+        }
+        let plan = RetentionPlan::compute(&c, &policy(Some(1), None), at(22)).expect("plan");
+        assert!(plan.delete_backups.is_empty() && plan.delete_wal.is_empty());
+        assert_eq!(plan.delete_debris, vec![old]);
+    }
+
+    #[test]
+    fn history_files_are_never_deleted() {
+        let name: WalFileName = "00000002.history".parse().expect("valid");
+        assert!(!is_deletable_wal(
+            &name,
+            SegmentNo(u64::MAX),
+            DEFAULT_SEGMENT_SIZE
+        ));
+    }
+}

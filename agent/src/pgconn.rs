@@ -1,0 +1,270 @@
+//! Connecting to PostgreSQL the way libpq tools do, and finding the client
+//! programs (`pg_basebackup`) that match the server's major version.
+//!
+//! Settings come from `--pg-*` flags or the standard `PGHOST`, `PGPORT`,
+//! `PGUSER`, `PGPASSWORD` and `PGDATABASE` variables; the same values are
+//! handed to child programs, so both see one server.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use tokio_postgres::{Client, NoTls};
+
+/// Where PostgreSQL is.
+#[derive(Debug, Clone, Args)]
+pub struct PgArgs {
+    /// Server host name, or the directory of its Unix socket.
+    /// [default: /var/run/postgresql if it exists, else localhost]
+    #[arg(long = "pg-host", env = "PGHOST")]
+    pub host: Option<String>,
+    /// Server port.
+    #[arg(long = "pg-port", env = "PGPORT", default_value_t = 5432)]
+    pub port: u16,
+    /// User name; it needs the REPLICATION attribute (or superuser).
+    /// [default: the operating-system user]
+    #[arg(long = "pg-user", env = "PGUSER")]
+    pub user: Option<String>,
+    /// Database for the control connection.
+    #[arg(long = "pg-database", env = "PGDATABASE", default_value = "postgres")]
+    pub database: String,
+    /// Directory of the PostgreSQL client programs [default: the Debian
+    /// directory of the server's major version, else PATH].
+    #[arg(long = "pg-bin", env = "PG_BIN")]
+    pub bin: Option<PathBuf>,
+}
+
+/// The settings resolved, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    /// Host or socket directory.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User.
+    pub user: String,
+    /// Database.
+    pub database: String,
+    /// Client programs directory, if set.
+    pub bin: Option<PathBuf>,
+}
+
+/// Why PostgreSQL cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// No connection.
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {detail}; check that the server runs and \
+         PGHOST, PGPORT, PGUSER and PGPASSWORD (or --pg-host, --pg-port, --pg-user)"
+    )]
+    Connect {
+        /// host:port as user.
+        target: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A query failed.
+    #[error("query on PostgreSQL at {target} failed: {detail}")]
+    Query {
+        /// host:port as user.
+        target: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// No client program of the right major version.
+    #[error(
+        "no {program} for PostgreSQL {major} found (tried {tried}); install \
+         postgresql-client-{major} or set PG_BIN to its bin directory"
+    )]
+    NoProgram {
+        /// The program.
+        program: &'static str,
+        /// The server's major version.
+        major: u32,
+        /// Where it looked.
+        tried: String,
+    },
+    /// A client program of another major version.
+    #[error(
+        "{path} is PostgreSQL {found}, but the server is PostgreSQL {major}; set PG_BIN to the \
+         bin directory of PostgreSQL {major}"
+    )]
+    WrongVersion {
+        /// The program.
+        path: String,
+        /// Its major version.
+        found: u32,
+        /// The server's.
+        major: u32,
+    },
+}
+
+impl PgArgs {
+    /// Applies libpq's defaults.
+    #[must_use]
+    pub fn resolve(&self) -> PgTarget {
+        let host = self
+            .host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| {
+                if Path::new("/var/run/postgresql").is_dir() {
+                    "/var/run/postgresql".to_owned()
+                } else {
+                    "localhost".to_owned()
+                }
+            });
+        let user = self
+            .user
+            .clone()
+            .filter(|u| !u.is_empty())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_owned());
+        PgTarget {
+            host,
+            port: self.port,
+            user,
+            database: self.database.clone(),
+            bin: self.bin.clone(),
+        }
+    }
+}
+
+impl PgTarget {
+    /// `host:port as user`, for messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        format!("{}:{} as {}", self.host, self.port, self.user)
+    }
+
+    /// The libpq variables for child programs.
+    #[must_use]
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", self.host.clone()),
+            ("PGPORT", self.port.to_string()),
+            ("PGUSER", self.user.clone()),
+            ("PGDATABASE", self.database.clone()),
+        ]
+    }
+
+    /// Opens a control connection named `application_name`.
+    ///
+    /// # Errors
+    /// [`PgError::Connect`] with what to check.
+    pub async fn connect(&self, application_name: &str) -> Result<Client, PgError> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.database)
+            .application_name(application_name)
+            .connect_timeout(Duration::from_secs(10));
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
+            target: self.describe(),
+            detail: error_text(&e),
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Runs a query that returns one text value.
+    ///
+    /// # Errors
+    /// [`PgError::Query`].
+    pub async fn query_text(&self, client: &Client, sql: &str) -> Result<String, PgError> {
+        let row = client
+            .query_one(sql, &[])
+            .await
+            .map_err(|e| PgError::Query {
+                target: self.describe(),
+                detail: format!("{sql}: {}", error_text(&e)),
+            })?;
+        row.try_get::<_, String>(0).map_err(|e| PgError::Query {
+            target: self.describe(),
+            detail: format!("{sql}: {}", error_text(&e)),
+        })
+    }
+
+    /// Finds `program` of PostgreSQL `major`: in `--pg-bin`, in Debian's
+    /// `/usr/lib/postgresql/<major>/bin`, then on PATH, checking its version.
+    ///
+    /// # Errors
+    /// [`PgError::NoProgram`] or [`PgError::WrongVersion`].
+    pub fn program(&self, program: &'static str, major: u32) -> Result<PathBuf, PgError> {
+        let mut candidates = Vec::new();
+        if let Some(dir) = &self.bin {
+            candidates.push(dir.join(program));
+        } else {
+            candidates.push(PathBuf::from(format!(
+                "/usr/lib/postgresql/{major}/bin/{program}"
+            )));
+            if let Some(path) = std::env::var_os("PATH") {
+                candidates.extend(std::env::split_paths(&path).map(|d| d.join(program)));
+            }
+        }
+        let mut wrong = None;
+        for candidate in &candidates {
+            if !candidate.is_file() {
+                continue;
+            }
+            match program_major(candidate) {
+                Some(found) if found == major => return Ok(candidate.clone()),
+                Some(found) => {
+                    wrong.get_or_insert(PgError::WrongVersion {
+                        path: candidate.display().to_string(),
+                        found,
+                        major,
+                    });
+                }
+                None => {}
+            }
+        }
+        Err(wrong.unwrap_or_else(|| PgError::NoProgram {
+            program,
+            major,
+            tried: candidates
+                .iter()
+                .take(3)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }))
+    }
+}
+
+/// The major version a PostgreSQL program reports with `--version`.
+fn program_major(path: &Path) -> Option<u32> {
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.split('.').next()?.parse().ok())
+}
+
+/// The server's message for a database error, else the error chain.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}

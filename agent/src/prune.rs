@@ -1,0 +1,64 @@
+//! `pitr-agent prune`: applies a [`RetentionPlan`].
+//!
+//! Order matters for a crash midway: a deleted backup loses its `backup.json`
+//! first, so it stops existing before any of its data goes; WAL goes only
+//! below the oldest kept backup's start, which a running `wal-push` (always
+//! writing newer segments) or a new backup (always starting later) never needs.
+
+use serde::Serialize;
+
+use crate::catalog::backup::{BackupId, RECORD_FILE};
+use crate::catalog::retention::RetentionPlan;
+use crate::storage::{Storage, StorageError};
+use crate::wal::WalFileName;
+
+/// What was deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PruneOutcome {
+    /// Backups deleted.
+    pub backups: usize,
+    /// WAL files deleted.
+    pub wal_files: usize,
+    /// Their stored bytes.
+    pub wal_bytes: u64,
+    /// Incomplete backups removed.
+    pub debris: usize,
+}
+
+/// Deletes what `plan` says.
+///
+/// # Errors
+/// The first storage failure; what was deleted before it stays deleted, and
+/// running prune again finishes the job.
+pub async fn apply(storage: &Storage, plan: &RetentionPlan) -> Result<PruneOutcome, StorageError> {
+    let mut outcome = PruneOutcome::default();
+    for id in &plan.delete_backups {
+        delete_backup(storage, id).await?;
+        tracing::info!(backup_id = %id, "deleted backup");
+        outcome.backups += 1;
+    }
+    for name in &plan.delete_wal {
+        let Ok(parsed) = name.parse::<WalFileName>() else {
+            continue;
+        };
+        storage.delete(&crate::catalog::wal_key(&parsed)).await?;
+        outcome.wal_files += 1;
+    }
+    outcome.wal_bytes = plan.delete_wal_bytes;
+    for id in &plan.delete_debris {
+        // Re-check: a backup that committed since the listing is not debris.
+        if storage.head(&id.key(RECORD_FILE)).await?.is_some() {
+            continue;
+        }
+        storage.delete_prefix(&id.prefix()).await?;
+        tracing::info!(backup_id = %id, "removed incomplete backup");
+        outcome.debris += 1;
+    }
+    Ok(outcome)
+}
+
+async fn delete_backup(storage: &Storage, id: &BackupId) -> Result<(), StorageError> {
+    storage.delete(&id.key(RECORD_FILE)).await?;
+    storage.delete_prefix(&id.prefix()).await
+}

@@ -1,0 +1,723 @@
+//! `pitr-agent verify`: re-reads backups and checks WAL continuity, collecting
+//! findings instead of stopping at the first.
+//!
+//! - Backups: every object's size and SHA-256 against `backup.json`, the gzip
+//!   stream, and every file's checksum against PostgreSQL's `backup_manifest`,
+//!   all streamed, without restoring anything.
+//! - WAL: from each backup's start segment to the newest archived segment,
+//!   following timeline `.history` files the way recovery does.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use async_compression::tokio::bufread::GzipDecoder;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, BufReader};
+
+use crate::backup::manifest::{FileHasher, PgManifest};
+use crate::backup::tar::{EntryKind, Event, TarError, TarReader};
+use crate::catalog::backup::{BackupId, BackupRecord, Catalog, DATA_FILE, MANIFEST_FILE};
+use crate::catalog::wal_key;
+use crate::compress::gunzip_verified;
+use crate::storage::{Storage, StorageError};
+use crate::wal::{SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Restores still work, but something needs attention.
+    Warning,
+    /// Some restores will fail.
+    Error,
+}
+
+impl Severity {
+    /// For tables.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+/// One problem, with what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// How bad.
+    pub severity: Severity,
+    /// A backup id, `wal`, or `repository`.
+    pub subject: String,
+    /// What is wrong, and what to do.
+    pub message: String,
+}
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Only this backup (WAL is still checked from its start).
+    pub backup: Option<BackupId>,
+    /// Warn when the newest backup is older than this.
+    pub max_age: Option<Duration>,
+    /// The clock.
+    pub now: SystemTime,
+}
+
+/// What was checked, and what was found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VerifyReport {
+    /// Backups whose data was re-read.
+    pub backups_checked: Vec<BackupId>,
+    /// Files checked against `backup_manifest`, over all backups.
+    pub files_checked: u64,
+    /// Stored bytes re-read.
+    pub bytes_read: u64,
+    /// WAL segments found in the ranges checked.
+    pub wal_segments_checked: u64,
+    /// Everything found, errors first.
+    pub findings: Vec<Finding>,
+}
+
+/// Runs every check on `catalog`.
+///
+/// # Errors
+/// Only when verify itself cannot run (listing or reading fails for a reason
+/// other than a missing or corrupt object).
+pub async fn verify(
+    storage: &Storage,
+    catalog: &Catalog,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, StorageError> {
+    let mut report = VerifyReport {
+        backups_checked: Vec::new(),
+        files_checked: 0,
+        bytes_read: 0,
+        wal_segments_checked: 0,
+        findings: Vec::new(),
+    };
+    let selected: Vec<&BackupRecord> = match &opts.backup {
+        Some(id) => {
+            let found: Vec<_> = catalog.backups.iter().filter(|b| &b.id == id).collect();
+            if found.is_empty() {
+                report.findings.push(Finding {
+                    severity: Severity::Error,
+                    subject: id.to_string(),
+                    message: format!(
+                        "no backup {id} in the repository; `pitr-agent list` shows the backups"
+                    ),
+                });
+            }
+            found
+        }
+        None => catalog.backups.iter().collect(),
+    };
+    if catalog.backups.is_empty() {
+        report.findings.push(Finding {
+            severity: Severity::Warning,
+            subject: "repository".into(),
+            message: "no backups: nothing can be restored; take one with `pitr-agent backup`"
+                .into(),
+        });
+    }
+    if let (Some(max_age), Some(newest)) = (
+        opts.max_age,
+        catalog.backups.iter().map(|b| b.stop_time).max(),
+    ) {
+        let age = opts.now.duration_since(newest).unwrap_or_default();
+        if age > max_age {
+            report.findings.push(Finding {
+                severity: Severity::Warning,
+                subject: "repository".into(),
+                message: format!(
+                    "the newest backup ended {} ago, more than --max-age {}; restores replay \
+                     more WAL the older it is: check the backup schedule and take a backup",
+                    humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    humantime::format_duration(max_age)
+                ),
+            });
+        }
+    }
+    for inc in &catalog.incomplete {
+        report.findings.push(Finding {
+            severity: Severity::Warning,
+            subject: inc.id.to_string(),
+            message: format!(
+                "incomplete backup ({}); it does not count for restores: `pitr-agent prune` \
+                 removes it after the grace period",
+                inc.reason
+            ),
+        });
+    }
+    for backup in &selected {
+        verify_backup(storage, backup, &mut report).await?;
+        report.backups_checked.push(backup.id.clone());
+    }
+
+    let histories = load_histories(storage, catalog, &mut report).await?;
+    let names: Vec<WalFileName> = catalog.wal.iter().map(|w| w.name.clone()).collect();
+    let seg = catalog.segment_size();
+    let (gaps, checked) = wal_gaps(&selected, &names, &histories, seg);
+    report.wal_segments_checked = checked;
+    for gap in gaps {
+        let first = WalFileName::segment(gap.timeline, gap.first, seg).to_string();
+        let last = WalFileName::segment(gap.timeline, gap.last, seg).to_string();
+        let range = if first == last {
+            first
+        } else if first[..22] == last[..22] {
+            format!("{first}..{}", &last[22..])
+        } else {
+            format!("{first}..{last}")
+        };
+        let ids: Vec<String> = gap.backups.iter().map(ToString::to_string).collect();
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            subject: "wal".into(),
+            message: format!(
+                "gap: {range} missing; backups before it cannot reach later times; take a new \
+                 backup (affects {})",
+                ids.join(", ")
+            ),
+        });
+    }
+    report
+        .findings
+        .sort_by_key(|f| std::cmp::Reverse(f.severity));
+    Ok(report)
+}
+
+/// Findings are capped per backup so one broken tar does not flood the report.
+const MAX_FILE_FINDINGS: usize = 10;
+
+async fn verify_backup(
+    storage: &Storage,
+    backup: &BackupRecord,
+    report: &mut VerifyReport,
+) -> Result<(), StorageError> {
+    let id = backup.id.to_string();
+    let error = |message: String| Finding {
+        severity: Severity::Error,
+        subject: id.clone(),
+        message,
+    };
+    let restore_hint = "restores from this backup will fail: take a new backup, and restore \
+                        from another one";
+    let mut manifest = None;
+    for object in &backup.objects {
+        let key = backup.id.key(&object.name);
+        match storage.head(&key).await? {
+            None => {
+                report.findings.push(error(format!(
+                    "{} is missing; {restore_hint}",
+                    storage.location(&key)
+                )));
+                continue;
+            }
+            Some(meta) if meta.size != object.bytes => {
+                report.findings.push(error(format!(
+                    "{} has {} bytes, backup.json says {}; {restore_hint}",
+                    storage.location(&key),
+                    meta.size,
+                    object.bytes
+                )));
+                continue;
+            }
+            Some(_) => {}
+        }
+        if object.name == MANIFEST_FILE {
+            let body = match storage.get(&key).await {
+                Ok(body) => body,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            report.bytes_read += body.len() as u64;
+            let sha = hex::encode(Sha256::digest(&body));
+            if sha != object.sha256 {
+                report.findings.push(error(format!(
+                    "{} has sha256 {sha}, backup.json says {}; {restore_hint}",
+                    storage.location(&key),
+                    object.sha256
+                )));
+            }
+            match PgManifest::parse(&body) {
+                Ok(m) => manifest = Some(m),
+                Err(e) => report
+                    .findings
+                    .push(error(format!("{}: {e}", storage.location(&key)))),
+            }
+        }
+    }
+    let Some(data) = backup.objects.iter().find(|o| o.name == DATA_FILE) else {
+        report
+            .findings
+            .push(error(format!("backup.json lists no {DATA_FILE}")));
+        return Ok(());
+    };
+    let key = backup.id.key(DATA_FILE);
+    if report
+        .findings
+        .iter()
+        .any(|f| f.subject == id && f.message.contains(DATA_FILE))
+    {
+        return Ok(());
+    }
+    let reader = match storage.get_stream(&key).await {
+        Ok(r) => r,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut hasher = Sha256::new();
+    let mut stored = 0u64;
+    let inspect = tokio_util::io::InspectReader::new(reader, |bytes: &[u8]| {
+        hasher.update(bytes);
+        stored += bytes.len() as u64;
+    });
+    let mut decoder = GzipDecoder::new(BufReader::with_capacity(1 << 20, inspect));
+    decoder.multiple_members(true);
+    let mut checker = TarChecker::new(manifest.as_ref(), backup);
+    let mut tar = TarReader::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut stream_error = None;
+    loop {
+        match decoder.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Err(e) = tar.feed(&buf[..n], &mut |ev| checker.on_event(ev)) {
+                    stream_error = Some(e.to_string());
+                    break;
+                }
+            }
+            Err(e) => {
+                stream_error = Some(format!("the gzip stream is corrupt: {e}"));
+                break;
+            }
+        }
+    }
+    drop(decoder);
+    report.bytes_read += stored;
+    if stream_error.is_none()
+        && let Err(e) = tar.finish()
+    {
+        stream_error = Some(e.to_string());
+    }
+    let sha = hex::encode(hasher.finalize());
+    if stream_error.is_none() && sha != data.sha256 {
+        stream_error = Some(format!("sha256 is {sha}, backup.json says {}", data.sha256));
+    }
+    if let Some(e) = &stream_error {
+        report.findings.push(error(format!(
+            "{}: {e}; {restore_hint}",
+            storage.location(&key)
+        )));
+    }
+    report.files_checked += checker.checked;
+    // After a broken stream, "missing" files only echo the break.
+    let complete = stream_error.is_none();
+    let mut problems = checker.finish(complete);
+    let total = problems.len();
+    problems.truncate(MAX_FILE_FINDINGS);
+    for p in problems {
+        report.findings.push(error(p));
+    }
+    if total > 0 {
+        report.findings.push(error(format!(
+            "{total} files in {DATA_FILE} do not match backup_manifest{}; {restore_hint}",
+            if total > MAX_FILE_FINDINGS {
+                format!(" (the first {MAX_FILE_FINDINGS} are listed)")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Checks tar entries against `backup_manifest` as they stream past.
+struct TarChecker<'a> {
+    manifest: Option<&'a PgManifest>,
+    seen: HashSet<String>,
+    wal: HashSet<String>,
+    current: Option<(String, u64, Option<FileHasher>)>,
+    problems: Vec<String>,
+    checked: u64,
+    first_wal: &'a str,
+    last_wal: &'a str,
+    wal_included: bool,
+}
+
+impl<'a> TarChecker<'a> {
+    fn new(manifest: Option<&'a PgManifest>, backup: &'a BackupRecord) -> Self {
+        TarChecker {
+            manifest,
+            seen: HashSet::new(),
+            wal: HashSet::new(),
+            current: None,
+            problems: Vec::new(),
+            checked: 0,
+            first_wal: &backup.first_wal,
+            last_wal: &backup.last_wal,
+            wal_included: backup.wal_included,
+        }
+    }
+
+    fn on_event(&mut self, event: Event<'_>) -> Result<(), TarError> {
+        match event {
+            Event::Start(entry) if entry.kind == EntryKind::File => {
+                // WAL fetched into the tar is not in the manifest; archive_status is.
+                let in_wal = entry.path.strip_prefix("pg_wal/");
+                if let Some(name) = in_wal {
+                    self.wal.insert(name.to_owned());
+                }
+                if entry.path == "backup_manifest" {
+                    return Ok(());
+                }
+                let Some(manifest) = self.manifest else {
+                    return Ok(());
+                };
+                match manifest.files.get(&entry.path) {
+                    None if in_wal.is_some() => {}
+                    Some(file) => {
+                        self.seen.insert(entry.path.clone());
+                        if file.size != entry.size {
+                            self.problems.push(format!(
+                                "{} has {} bytes in the tar, backup_manifest says {}",
+                                entry.path, entry.size, file.size
+                            ));
+                        }
+                        let hasher = file.checksum.as_ref().map(|c| FileHasher::new(c.algorithm));
+                        self.current = Some((entry.path.clone(), 0, hasher));
+                    }
+                    None => self.problems.push(format!(
+                        "{} is in the tar but not in backup_manifest",
+                        entry.path
+                    )),
+                }
+            }
+            Event::Start(_) => {}
+            Event::Data(data) => {
+                if let Some((_, len, Some(hasher))) = &mut self.current {
+                    hasher.update(data);
+                    *len += data.len() as u64;
+                }
+            }
+            Event::End(_) => {
+                if let Some((path, _, hasher)) = self.current.take() {
+                    self.checked += 1;
+                    let expected = self
+                        .manifest
+                        .and_then(|m| m.files.get(&path))
+                        .and_then(|f| f.checksum.as_ref());
+                    if let (Some(hasher), Some(expected)) = (hasher, expected) {
+                        let actual = hasher.finish_hex();
+                        if actual != expected.hex {
+                            self.problems.push(format!(
+                                "{path}: checksum {actual} does not match backup_manifest's {}",
+                                expected.hex
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, complete: bool) -> Vec<String> {
+        if !complete {
+            return self.problems;
+        }
+        if let Some(manifest) = self.manifest {
+            let mut missing: Vec<&String> = manifest
+                .files
+                .keys()
+                .filter(|p| !self.seen.contains(*p))
+                .collect();
+            missing.sort();
+            for path in missing {
+                self.problems.push(format!(
+                    "{path} is in backup_manifest but missing from the tar"
+                ));
+            }
+        }
+        if self.wal_included {
+            for name in [self.first_wal, self.last_wal] {
+                if !self.wal.contains(name) {
+                    self.problems.push(format!(
+                        "pg_wal/{name}, which the backup needs to become consistent, is missing \
+                         from the tar"
+                    ));
+                }
+            }
+        }
+        self.problems
+    }
+}
+
+async fn load_histories(
+    storage: &Storage,
+    catalog: &Catalog,
+    report: &mut VerifyReport,
+) -> Result<HashMap<TimelineId, TimelineHistory>, StorageError> {
+    let mut histories = HashMap::new();
+    for w in &catalog.wal {
+        if w.name.kind() != WalFileKind::TimelineHistory {
+            continue;
+        }
+        let body = match storage.get(&wal_key(&w.name)).await {
+            Ok(body) => body,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        let mut text = Vec::new();
+        let parsed = gunzip_verified(&body, &mut text)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                TimelineHistory::parse(w.name.timeline(), &String::from_utf8_lossy(&text))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(h) => {
+                histories.insert(w.name.timeline(), h);
+            }
+            Err(e) => report.findings.push(Finding {
+                severity: Severity::Error,
+                subject: "wal".into(),
+                message: format!(
+                    "{} is unreadable ({e}); recovery cannot follow timeline {}: restore the \
+                     file from the cluster's pg_wal if it still has it",
+                    storage.location(&wal_key(&w.name)),
+                    w.name.timeline()
+                ),
+            }),
+        }
+    }
+    Ok(histories)
+}
+
+/// Consecutive missing segments on one timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The timeline the segments were expected on.
+    pub timeline: TimelineId,
+    /// The first missing segment.
+    pub first: SegmentNo,
+    /// The last missing segment.
+    pub last: SegmentNo,
+    /// The backups whose restores it cuts short.
+    pub backups: Vec<BackupId>,
+}
+
+/// Finds the segments missing between each backup's start and the newest
+/// archived segment on the newest timeline that descends from it. Returns the
+/// gaps and how many segment positions were checked.
+///
+/// At a timeline switch, the segment holding the switchpoint may come from
+/// either timeline (recovery prefers the newer one).
+#[must_use]
+pub fn wal_gaps(
+    backups: &[&BackupRecord],
+    wal: &[WalFileName],
+    histories: &HashMap<TimelineId, TimelineHistory>,
+    segment_size: u32,
+) -> (Vec<Gap>, u64) {
+    let mut present: HashSet<(TimelineId, SegmentNo)> = HashSet::new();
+    let mut newest: HashMap<TimelineId, SegmentNo> = HashMap::new();
+    let mut timelines: HashSet<TimelineId> = histories.keys().copied().collect();
+    for name in wal {
+        if !matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial) {
+            continue;
+        }
+        let Some(segno) = name.segment_no(segment_size) else {
+            continue;
+        };
+        present.insert((name.timeline(), segno));
+        timelines.insert(name.timeline());
+        let n = newest.entry(name.timeline()).or_insert(segno);
+        *n = (*n).max(segno);
+    }
+    let mut gaps: Vec<Gap> = Vec::new();
+    let mut checked = 0u64;
+    for backup in backups {
+        let tb = backup.start_timeline;
+        let start = backup.start_segment();
+        // The newest timeline whose history passes through tb after the backup started.
+        let target = timelines
+            .iter()
+            .copied()
+            .filter(|t| {
+                *t == tb
+                    || histories.get(t).is_some_and(|h| {
+                        h.ancestors
+                            .iter()
+                            .any(|e| e.parent == tb && e.switchpoint > backup.start_lsn)
+                    })
+            })
+            .max()
+            .unwrap_or(tb);
+        // (timeline, first segment) for each stretch of the path, oldest first.
+        let mut path: Vec<(TimelineId, SegmentNo)> = vec![(tb, start)];
+        if let Some(h) = histories.get(&target).filter(|_| target != tb) {
+            let mut on_path = false;
+            for (i, e) in h.ancestors.iter().enumerate() {
+                on_path |= e.parent == tb;
+                if !on_path {
+                    continue;
+                }
+                let next = h.ancestors.get(i + 1).map_or(target, |n| n.parent);
+                path.push((next, e.switchpoint.segment(segment_size)));
+            }
+        }
+        let last_switch = path.last().map_or(start, |p| p.1);
+        let end = newest
+            .get(&target)
+            .copied()
+            .unwrap_or(last_switch)
+            .max(last_switch);
+        let mut missing: Vec<(TimelineId, SegmentNo)> = Vec::new();
+        let mut segno = start;
+        while segno <= end {
+            // The stretch this segment falls in; at a switch, either side will do.
+            let idx = path.iter().rposition(|p| p.1 <= segno).unwrap_or(0);
+            let tl = path[idx].0;
+            let mut ok = present.contains(&(tl, segno));
+            if !ok && idx > 0 && path[idx].1 == segno {
+                ok = present.contains(&(path[idx - 1].0, segno));
+            }
+            if ok {
+                checked += 1;
+            } else {
+                missing.push((tl, segno));
+            }
+            segno = SegmentNo(segno.0 + 1);
+        }
+        for (tl, segno) in missing {
+            match gaps
+                .iter_mut()
+                .find(|g| g.timeline == tl && (g.first.0..=g.last.0 + 1).contains(&segno.0))
+            {
+                Some(g) => {
+                    g.last = g.last.max(segno);
+                    if !g.backups.contains(&backup.id) {
+                        g.backups.push(backup.id.clone());
+                    }
+                }
+                None => gaps.push(Gap {
+                    timeline: tl,
+                    first: segno,
+                    last: segno,
+                    backups: vec![backup.id.clone()],
+                }),
+            }
+        }
+    }
+    gaps.sort_by_key(|g| (g.first, g.timeline));
+    (gaps, checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{DEFAULT_SEGMENT_SIZE, Lsn};
+
+    const SEG: u32 = DEFAULT_SEGMENT_SIZE;
+
+    fn backup(tl: u32, segno: u64) -> BackupRecord {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + segno);
+        BackupRecord {
+            format: 1,
+            id: BackupId::at(t),
+            label: String::new(),
+            system_identifier: "1".into(),
+            pg_version: 150_000,
+            wal_segment_size: SEG,
+            start_timeline: TimelineId(tl),
+            timeline: TimelineId(tl),
+            start_lsn: Lsn(segno * u64::from(SEG) + 40),
+            stop_lsn: Lsn(segno * u64::from(SEG) + 400),
+            first_wal: String::new(),
+            last_wal: String::new(),
+            wal_included: true,
+            start_time: t,
+            stop_time: t,
+            raw_bytes: 0,
+            stored_bytes: 0,
+            manifest_checksums: "CRC32C".into(),
+            objects: vec![],
+            created_by: String::new(),
+        }
+    }
+
+    fn segs(tl: u32, range: std::ops::RangeInclusive<u64>) -> Vec<WalFileName> {
+        range
+            .map(|s| WalFileName::segment(TimelineId(tl), SegmentNo(s), SEG))
+            .collect()
+    }
+
+    #[test]
+    fn reports_one_gap_per_hole_naming_the_affected_backups() {
+        let (b1, b2) = (backup(1, 0xF0), backup(1, 0xF7));
+        let mut wal = segs(1, 0xF0..=0xF2);
+        wal.extend(segs(1, 0xF6..=0xF9));
+        let (gaps, checked) = wal_gaps(&[&b1, &b2], &wal, &HashMap::new(), SEG);
+        assert_eq!(
+            gaps,
+            vec![Gap {
+                timeline: TimelineId(1),
+                first: SegmentNo(0xF3),
+                last: SegmentNo(0xF5),
+                backups: vec![b1.id.clone()],
+            }]
+        );
+        assert_eq!(checked, 7 + 3);
+        let (gaps, _) = wal_gaps(&[&b2], &wal, &HashMap::new(), SEG);
+        assert!(gaps.is_empty(), "the later backup is not affected");
+    }
+
+    #[test]
+    fn follows_a_timeline_switch() {
+        let b = backup(1, 0x10);
+        // Timeline 2 branched from 1 inside segment 0x14.
+        let h2 = TimelineHistory::parse(TimelineId(2), "1\t0/14000100\tpromoted\n").expect("valid");
+        let histories = HashMap::from([(TimelineId(2), h2)]);
+        let mut wal = segs(1, 0x10..=0x13);
+        wal.extend(segs(2, 0x14..=0x16));
+        wal.push("00000002.history".parse().expect("valid"));
+        // Timeline 1 went on after the branch point (the old primary): irrelevant.
+        wal.extend(segs(1, 0x15..=0x20));
+        let (gaps, checked) = wal_gaps(&[&b], &wal, &histories, SEG);
+        assert!(gaps.is_empty(), "{gaps:?}");
+        assert_eq!(checked, 7);
+
+        // Without timeline 2's copy of the switch segment, timeline 1's will do.
+        let mut partial = segs(1, 0x10..=0x14);
+        partial.extend(segs(2, 0x15..=0x16));
+        let (gaps, _) = wal_gaps(&[&b], &partial, &histories, SEG);
+        assert!(gaps.is_empty(), "{gaps:?}");
+
+        // A missing segment after the switch is a gap on timeline 2.
+        let mut holed = segs(1, 0x10..=0x13);
+        holed.extend(segs(2, 0x14..=0x14));
+        holed.extend(segs(2, 0x16..=0x16));
+        let (gaps, _) = wal_gaps(&[&b], &holed, &histories, SEG);
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(
+            (gaps[0].timeline, gaps[0].first),
+            (TimelineId(2), SegmentNo(0x15))
+        );
+    }
+
+    #[test]
+    fn a_backup_after_the_branch_point_stays_on_its_timeline() {
+        let b = backup(1, 0x18);
+        let h2 = TimelineHistory::parse(TimelineId(2), "1\t0/14000100\tpromoted\n").expect("valid");
+        let histories = HashMap::from([(TimelineId(2), h2)]);
+        let mut wal = segs(1, 0x10..=0x1A);
+        wal.extend(segs(2, 0x14..=0x30));
+        let (gaps, checked) = wal_gaps(&[&b], &wal, &histories, SEG);
+        assert!(gaps.is_empty(), "{gaps:?}");
+        assert_eq!(checked, 3);
+    }
+}
