@@ -199,6 +199,11 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Runs `sql` for its effect, asserting success.
+    pub fn exec(&self, sql: &str) {
+        let _ = self.sql(sql);
+    }
+
     /// Runs `sql` and returns the raw output, success or not.
     #[must_use]
     pub fn psql(&self, sql: &str) -> Output {
@@ -234,6 +239,87 @@ impl Postgres {
             "pgbench {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `PGHOST`, `PGPORT` and `PGUSER` for client programs such as `pitr-agent backup`.
+    #[must_use]
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), self.dir.path().display().to_string()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+            ("PG_BIN".into(), self.bin.dir.display().to_string()),
+        ]
+    }
+
+    /// Unpacks a `.tar.gz` base backup with `tar xzf`, as an operator would by
+    /// hand, and configures it to start on its own socket with archiving off.
+    /// Does not start it.
+    #[must_use]
+    pub fn from_backup_tar(bin: &PgBin, tar_gz: &Path) -> Self {
+        let user = RunAs::test_user();
+        let dir = user_tempdir(user, "restored");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("create data dir");
+        let pg = Postgres {
+            bin: bin.clone(),
+            user,
+            data,
+            port: crate::free_port(),
+            env: Vec::new(),
+            dir,
+        };
+        let out = Command::new("tar")
+            .arg("xzf")
+            .arg(tar_gz)
+            .arg("-C")
+            .arg(&pg.data)
+            .output()
+            .expect("run tar");
+        assert!(
+            out.status.success(),
+            "tar xzf {}: {}",
+            tar_gz.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        user.chown_tree(&pg.data);
+        std::fs::set_permissions(
+            &pg.data,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod data dir");
+        let path = pg.data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!(
+            "port = {}\nunix_socket_directories = '{}'\narchive_mode = off\n",
+            pg.port,
+            pg.dir.path().display()
+        ));
+        std::fs::write(&path, text).expect("write postgresql.auto.conf");
+        pg
+    }
+
+    /// `pg_dumpall` of every database, without the per-run `\restrict` keys
+    /// that newer minor releases add, so two dumps of equal data compare equal.
+    #[must_use]
+    pub fn dumpall(&self) -> String {
+        // pg_dumpall's -d takes a connection string; -l names the database.
+        let mut args = self.conn_args();
+        args[6] = "-l".into();
+        let out = Command::new(self.bin.tool("pg_dumpall"))
+            .args(args)
+            .output()
+            .expect("run pg_dumpall");
+        assert!(
+            out.status.success(),
+            "pg_dumpall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The WAL directory.

@@ -3,36 +3,12 @@
 
 use std::time::Duration;
 
-use pitr_tests::bins::{agent, agent_cmd, run_ok};
-use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
+use pitr_tests::bins::{agent_cmd, run_ok};
+use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, Postgres};
 use pitr_tests::s3::S3Kind;
 use pitr_tests::{RunAs, user_tempdir, wait_for};
 
-fn pg_bin() -> Option<PgBin> {
-    let bin = PgBin::find();
-    pitr_tests::prerequisite(
-        bin.is_some(),
-        "PostgreSQL server binaries (PG_BIN or postgresql-15)",
-    )
-    .then(|| bin.expect("checked"))
-}
-
-fn archiving_cluster(bin: &PgBin, repo: &str, env: &[(String, String)]) -> Postgres {
-    let mut env = env.to_vec();
-    env.push(("PITR_REPO".into(), repo.into()));
-    Postgres::start_new(
-        bin,
-        &PgOptions {
-            archive_command: Some(format!("{} wal-push %p", agent().display())),
-            env,
-            // Keep every segment in pg_wal so the test can compare bytes.
-            conf: vec![
-                "wal_keep_size = '4GB'".into(),
-                "max_wal_size = '4GB'".into(),
-            ],
-        },
-    )
-}
+use super::{archiving_cluster, pg_bin};
 
 /// Fetches every archived file with `wal-fetch` and compares it with pg_wal.
 fn assert_archive_matches(pg: &Postgres, repo: &str, env: &[(String, String)]) -> usize {
