@@ -28,6 +28,7 @@ test: deps
 bench:
 	.ci/install-deps.sh --bench
 	cargo bench --workspace --bench archive
+	cargo bench --workspace --bench backup
 
 lint:
 	cargo fmt --all -- --check

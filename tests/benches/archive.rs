@@ -16,11 +16,15 @@
 //! process would inherit its high-water mark.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pitr_tests::bins::agent;
+use pitr_tests::measure::{
+    bench_setup, dir_size, pgbackrest_setup, run_measured, shell, size_change, table_header,
+    times_faster,
+};
 use pitr_tests::pg::{PgBin, PgOptions, Postgres};
 use pitr_tests::{RunAs, which};
 
@@ -34,23 +38,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // cargo bench probes harness=false benches with --list
-    }
-    let Some(bin) = PgBin::find() else {
-        eprintln!("bench: no PostgreSQL found; run .ci/install-deps.sh --bench");
-        std::process::exit(2);
+    let Some((bin, user, work)) = bench_setup("archive") else {
+        return;
     };
-    if !Path::new("/usr/bin/time").is_file() {
-        eprintln!("bench: /usr/bin/time is missing; run .ci/install-deps.sh --bench");
-        std::process::exit(2);
-    }
-    let user = RunAs::test_user();
-    let work = tempfile::Builder::new()
-        .prefix("pitr-bench-")
-        .tempdir_in("/var/tmp")
-        .expect("work dir");
-    user.chown_tree(work.path());
     let agent_bin = agent().to_path_buf();
     let mut report = String::new();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -115,7 +105,13 @@ fn main() {
                 } else {
                     "pgbr-sync"
                 });
-                let conf = pgbackrest_setup(&dir, &pgdata, asynchronous, user);
+                let conf = pgbackrest_setup(
+                    &dir,
+                    user,
+                    &format!("archive-async={}\n", if asynchronous { "y" } else { "n" }),
+                    &format!("pg1-path={}\n", pgdata.display()),
+                    &["--no-online"],
+                );
                 rows.push(replay(
                     &pgdata,
                     &segments,
@@ -174,12 +170,6 @@ struct Row {
     failures: usize,
 }
 
-fn shell(script: &str) -> Command {
-    let mut c = Command::new("sh");
-    c.args(["-c", script]);
-    c
-}
-
 /// Replays the archiver over `segments` with the command `make` builds.
 fn replay(
     pgdata: &Path,
@@ -228,59 +218,11 @@ fn replay(
         name: name.to_owned(),
         total,
         latencies,
-        stored: dir_size(repo, segments),
+        // pgBackRest names objects `<seg>-<sha1>.gz`.
+        stored: dir_size(repo, |n| segments.iter().any(|s| n.starts_with(s.as_str()))),
         peak_rss_kib: peak,
         failures,
     }
-}
-
-/// Runs `cmd` under `/usr/bin/time`, returning success and its peak RSS in KiB.
-fn run_measured(cmd: &Command) -> (bool, i64) {
-    let mut timed = Command::new("/usr/bin/time");
-    timed
-        .args(["-f", "pitr-bench-maxrss=%M"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => timed.env(k, v),
-            None => timed.env_remove(k),
-        };
-    }
-    if let Some(dir) = cmd.get_current_dir() {
-        timed.current_dir(dir);
-    }
-    timed
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    RunAs::test_user().apply(&mut timed);
-    let out = timed.output().expect("run /usr/bin/time");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let rss = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("pitr-bench-maxrss="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1);
-    (out.status.success(), rss)
-}
-
-/// Bytes stored for `segments` (pgBackRest names objects `<seg>-<sha1>.gz`).
-fn dir_size(dir: &Path, segments: &[String]) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(n) = p.file_name().and_then(|n| n.to_str())
-                && segments.iter().any(|s| n.starts_with(s.as_str()))
-            {
-                total += e.metadata().map_or(0, |m| m.len());
-            }
-        }
-    }
-    total
 }
 
 fn table(rows: &[Row], raw: u64, out: &mut String) {
@@ -288,12 +230,24 @@ fn table(rows: &[Row], raw: u64, out: &mut String) {
     let gz6 = base("gzip -6").map(|r| (r.total, r.stored));
     let pgbr = base("pgBackRest gz6 sync").map(|r| r.total);
     let pgbr_async = base("pgBackRest gz6 async process-max 2").map(|r| r.total);
-    writeln!(
+    table_header(
         out,
-        "\n| tool | total s | segments/s | MB/s | median ms | p95 ms | ratio | size vs gzip -6 | peak RSS MiB | x gzip -6 | x pgBackRest sync | x pgBackRest async | failures |"
-    )
-    .ok();
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|").ok();
+        &[
+            "tool",
+            "total s",
+            "segments/s",
+            "MB/s",
+            "median ms",
+            "p95 ms",
+            "ratio",
+            "size vs gzip -6",
+            "peak RSS MiB",
+            "x gzip -6",
+            "x pgBackRest sync",
+            "x pgBackRest async",
+            "failures",
+        ],
+    );
     for r in rows {
         let mut lat = r.latencies.clone();
         lat.sort();
@@ -302,12 +256,8 @@ fn table(rows: &[Row], raw: u64, out: &mut String) {
                 .map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
         let secs = r.total.as_secs_f64();
-        let speedup = |base: Option<Duration>| {
-            base.map_or("-".into(), |b| format!("{:.2}", b.as_secs_f64() / secs))
-        };
-        let size_vs = gz6.map_or("-".into(), |(_, s)| {
-            format!("{:+.1} %", (r.stored as f64 / s as f64 - 1.0) * 100.0)
-        });
+        let speedup = |base: Option<Duration>| times_faster(base.map(|b| b.as_secs_f64()), secs);
+        let size_vs = size_change(r.stored, gz6.map(|(_, s)| s));
         writeln!(
             out,
             "| {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {} | {} | {} | {} |",
@@ -382,41 +332,6 @@ fn levels_table(pgdata: &Path, segments: &[String], out: &mut String) {
         )
         .ok();
     }
-}
-
-fn pgbackrest_setup(dir: &Path, pgdata: &Path, asynchronous: bool, user: RunAs) -> PathBuf {
-    for sub in ["repo", "spool", "lock", "log"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
-    }
-    let conf = dir.join("pgbackrest.conf");
-    let text = format!(
-        "[global]\nrepo1-path={repo}\nspool-path={spool}\nlock-path={lock}\nlog-path={log}\n\
-         log-level-console=error\nlog-level-file=off\ncompress-type=gz\ncompress-level=6\n\
-         archive-async={a}\nprocess-max=2\n\n[bench]\npg1-path={pg}\n",
-        repo = dir.join("repo").display(),
-        spool = dir.join("spool").display(),
-        lock = dir.join("lock").display(),
-        log = dir.join("log").display(),
-        a = if asynchronous { "y" } else { "n" },
-        pg = pgdata.display(),
-    );
-    std::fs::write(&conf, text).expect("write pgbackrest.conf");
-    user.chown_tree(dir);
-    let mut c = Command::new("pgbackrest");
-    c.arg(format!("--config={}", conf.display())).args([
-        "--stanza=bench",
-        "--no-online",
-        "stanza-create",
-    ]);
-    c.current_dir(dir);
-    user.apply(&mut c);
-    let out = c.output().expect("pgbackrest stanza-create");
-    assert!(
-        out.status.success(),
-        "stanza-create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    conf
 }
 
 /// Runs a cluster until it has written `count` segments of the corpus, then
