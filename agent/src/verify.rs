@@ -19,9 +19,8 @@ use crate::backup::manifest::{FileHasher, PgManifest};
 use crate::backup::tar::{EntryKind, Event, TarError, TarReader};
 use crate::catalog::backup::{BackupId, BackupRecord, Catalog, DATA_FILE, MANIFEST_FILE};
 use crate::catalog::wal_key;
-use crate::compress::gunzip_verified;
 use crate::storage::{Storage, StorageError};
-use crate::wal::{SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName};
+use crate::wal::{SegmentNo, TimelineHistory, TimelineId, WalFileName, WalIndex};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -162,16 +161,9 @@ pub async fn verify(
     let seg = catalog.segment_size();
     let (gaps, checked) = wal_gaps(&selected, &names, &histories, seg);
     report.wal_segments_checked = checked;
+    let index = WalIndex::new(&[], HashMap::new(), seg);
     for gap in gaps {
-        let first = WalFileName::segment(gap.timeline, gap.first, seg).to_string();
-        let last = WalFileName::segment(gap.timeline, gap.last, seg).to_string();
-        let range = if first == last {
-            first
-        } else if first[..22] == last[..22] {
-            format!("{first}..{}", &last[22..])
-        } else {
-            format!("{first}..{last}")
-        };
+        let range = index.range_text(gap.timeline, gap.first, gap.last);
         let ids: Vec<String> = gap.backups.iter().map(ToString::to_string).collect();
         report.findings.push(Finding {
             severity: Severity::Error,
@@ -461,38 +453,18 @@ async fn load_histories(
     catalog: &Catalog,
     report: &mut VerifyReport,
 ) -> Result<HashMap<TimelineId, TimelineHistory>, StorageError> {
-    let mut histories = HashMap::new();
-    for w in &catalog.wal {
-        if w.name.kind() != WalFileKind::TimelineHistory {
-            continue;
-        }
-        let body = match storage.get(&wal_key(&w.name)).await {
-            Ok(body) => body,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        let mut text = Vec::new();
-        let parsed = gunzip_verified(&body, &mut text)
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                TimelineHistory::parse(w.name.timeline(), &String::from_utf8_lossy(&text))
-                    .map_err(|e| e.to_string())
-            });
-        match parsed {
-            Ok(h) => {
-                histories.insert(w.name.timeline(), h);
-            }
-            Err(e) => report.findings.push(Finding {
-                severity: Severity::Error,
-                subject: "wal".into(),
-                message: format!(
-                    "{} is unreadable ({e}); recovery cannot follow timeline {}: restore the \
-                     file from the cluster's pg_wal if it still has it",
-                    storage.location(&wal_key(&w.name)),
-                    w.name.timeline()
-                ),
-            }),
-        }
+    let (histories, broken) = catalog.histories(storage).await?;
+    for (name, e) in broken {
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            subject: "wal".into(),
+            message: format!(
+                "{} is unreadable ({e}); recovery cannot follow timeline {}: restore the \
+                 file from the cluster's pg_wal if it still has it",
+                storage.location(&wal_key(&name)),
+                name.timeline()
+            ),
+        });
     }
     Ok(histories)
 }
@@ -523,76 +495,16 @@ pub fn wal_gaps(
     histories: &HashMap<TimelineId, TimelineHistory>,
     segment_size: u32,
 ) -> (Vec<Gap>, u64) {
-    let mut present: HashSet<(TimelineId, SegmentNo)> = HashSet::new();
-    let mut newest: HashMap<TimelineId, SegmentNo> = HashMap::new();
-    let mut timelines: HashSet<TimelineId> = histories.keys().copied().collect();
-    for name in wal {
-        if !matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial) {
-            continue;
-        }
-        let Some(segno) = name.segment_no(segment_size) else {
-            continue;
-        };
-        present.insert((name.timeline(), segno));
-        timelines.insert(name.timeline());
-        let n = newest.entry(name.timeline()).or_insert(segno);
-        *n = (*n).max(segno);
-    }
+    let index = WalIndex::new(wal, histories.clone(), segment_size);
     let mut gaps: Vec<Gap> = Vec::new();
     let mut checked = 0u64;
     for backup in backups {
         let tb = backup.start_timeline;
         let start = backup.start_segment();
-        // The newest timeline whose history passes through tb after the backup started.
-        let target = timelines
-            .iter()
-            .copied()
-            .filter(|t| {
-                *t == tb
-                    || histories.get(t).is_some_and(|h| {
-                        h.ancestors
-                            .iter()
-                            .any(|e| e.parent == tb && e.switchpoint > backup.start_lsn)
-                    })
-            })
-            .max()
-            .unwrap_or(tb);
-        // (timeline, first segment) for each stretch of the path, oldest first.
-        let mut path: Vec<(TimelineId, SegmentNo)> = vec![(tb, start)];
-        if let Some(h) = histories.get(&target).filter(|_| target != tb) {
-            let mut on_path = false;
-            for (i, e) in h.ancestors.iter().enumerate() {
-                on_path |= e.parent == tb;
-                if !on_path {
-                    continue;
-                }
-                let next = h.ancestors.get(i + 1).map_or(target, |n| n.parent);
-                path.push((next, e.switchpoint.segment(segment_size)));
-            }
-        }
-        let last_switch = path.last().map_or(start, |p| p.1);
-        let end = newest
-            .get(&target)
-            .copied()
-            .unwrap_or(last_switch)
-            .max(last_switch);
-        let mut missing: Vec<(TimelineId, SegmentNo)> = Vec::new();
-        let mut segno = start;
-        while segno <= end {
-            // The stretch this segment falls in; at a switch, either side will do.
-            let idx = path.iter().rposition(|p| p.1 <= segno).unwrap_or(0);
-            let tl = path[idx].0;
-            let mut ok = present.contains(&(tl, segno));
-            if !ok && idx > 0 && path[idx].1 == segno {
-                ok = present.contains(&(path[idx - 1].0, segno));
-            }
-            if ok {
-                checked += 1;
-            } else {
-                missing.push((tl, segno));
-            }
-            segno = SegmentNo(segno.0 + 1);
-        }
+        let target = index.latest_descendant(tb, backup.start_lsn);
+        let path = index.path(tb, start, target);
+        let (missing, present) = index.missing(&path, start, index.end_of(&path));
+        checked += present;
         for (tl, segno) in missing {
             match gaps
                 .iter_mut()

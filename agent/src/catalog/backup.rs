@@ -4,15 +4,16 @@
 //! A backup exists only once its `backup.json` does; everything else under
 //! `backups/<id>/` without one is debris from an interrupted run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::gunzip_verified;
 use crate::storage::{ObjectKey, ObjectMeta, Storage, StorageError};
-use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName};
+use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName};
 
 use super::{WAL_PREFIX, wal_name_of};
 
@@ -341,6 +342,49 @@ impl Catalog {
             .wal
             .sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
         Ok(catalog)
+    }
+
+    /// Reads and parses every `.history` file; unreadable ones are returned
+    /// with the reason instead.
+    ///
+    /// # Errors
+    /// Reading fails for a reason other than a missing object.
+    pub async fn histories(
+        &self,
+        storage: &Storage,
+    ) -> Result<
+        (
+            HashMap<TimelineId, TimelineHistory>,
+            Vec<(WalFileName, String)>,
+        ),
+        StorageError,
+    > {
+        let mut histories = HashMap::new();
+        let mut broken = Vec::new();
+        for w in &self.wal {
+            if w.name.kind() != WalFileKind::TimelineHistory {
+                continue;
+            }
+            let body = match storage.get(&super::wal_key(&w.name)).await {
+                Ok(body) => body,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let mut text = Vec::new();
+            let parsed = gunzip_verified(&body, &mut text)
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    TimelineHistory::parse(w.name.timeline(), &String::from_utf8_lossy(&text))
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(h) => {
+                    histories.insert(w.name.timeline(), h);
+                }
+                Err(e) => broken.push((w.name.clone(), e)),
+            }
+        }
+        Ok((histories, broken))
     }
 
     /// The WAL segment size of the repository's backups (the default without any).

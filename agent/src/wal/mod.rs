@@ -3,9 +3,11 @@
 //! Owns the rules for what a WAL file name means and which names follow which.
 //! Knows nothing about repositories or how files are stored.
 
+mod continuity;
 mod history;
 mod name;
 
+pub use continuity::{Stretch, WalIndex};
 pub use history::{HistoryEntry, TimelineHistory};
 pub use name::{SegmentNo, WalFileKind, WalFileName, WalNameError};
 
