@@ -12,6 +12,7 @@
 //! - [`pgconn`]: connecting to PostgreSQL, finding its client programs;
 //! - [`pgdata`]: what is read from a data directory;
 //! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
+//! - [`restore`]: `pgrestore`'s plan, extraction and recovery;
 //! - [`cli`]: the flags and environment both binaries share.
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod pgconn;
 pub mod pgdata;
 pub mod prune;
 pub mod report;
+pub mod restore;
 pub mod storage;
 pub mod verify;
 pub mod wal;

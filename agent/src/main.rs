@@ -389,3 +389,15 @@ fn spawn_prefetcher(repo: &RepoArgs, request: &PrefetchRequest, count: usize) {
         tracing::debug!(error = %e, "could not start the prefetcher");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,27 +1,510 @@
 //! The `pgrestore` binary: point-in-time recovery from a pitr-agent repository.
-//!
-//! A skeleton until the restore issue lands: it parses the shared repository
-//! flags and says plainly that restore is not implemented yet.
+//! Parses arguments, then runs plan → extract → configure → (start) from the
+//! agent library's `restore` module.
 
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
-use clap::Parser;
-use pitr_agent::cli::RepoArgs;
+use anyhow::{Context as _, bail};
+use clap::{ArgGroup, Parser, Subcommand};
+use pitr_agent::catalog::backup::{BackupId, Catalog, DATA_FILE};
+use pitr_agent::cli::{RepoArgs, init_tracing};
+use pitr_agent::pgconn::PgArgs;
+use pitr_agent::report;
+use pitr_agent::restore::plan::{PlanRequest, RestorePlan};
+use pitr_agent::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
+use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTime, TargetTimeline};
+use pitr_agent::restore::{check_target_dir, extract};
+use pitr_agent::wal::Lsn;
 
 /// Point-in-time recovery for PostgreSQL from a pitr-agent repository.
+///
+/// Example: pgrestore --target-time '2026-11-21 14:30:00+00' --pgdata /var/lib/postgresql/data --start
 #[derive(Debug, Parser)]
-#[command(name = "pgrestore", version, about)]
+#[command(name = "pgrestore", version, about, max_term_width = 100,
+          args_conflicts_with_subcommands = true,
+          group(ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    restore: RestoreArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show backups and the restorable window.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The data directory to restore into; must be empty or missing.
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<PathBuf>,
+    /// Recover to this time: '2026-11-21 14:30:00+00', RFC 3339, or no offset for UTC.
+    #[arg(long)]
+    target_time: Option<String>,
+    /// Recover to this WAL position, e.g. 0/16B3748.
+    #[arg(long)]
+    target_lsn: Option<Lsn>,
+    /// Recover to the commit of this transaction id.
+    #[arg(long)]
+    target_xid: Option<u64>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long)]
+    target_name: Option<String>,
+    /// `immediate`: recover only to the end of the backup.
+    #[arg(long, value_parser = ["immediate"])]
+    target: Option<String>,
+    /// Timeline to follow: latest, current (the backup's) or a number.
+    #[arg(long, default_value = "latest")]
+    target_timeline: TargetTimeline,
+    /// What PostgreSQL does at the target. `pause` (PostgreSQL's default) lets
+    /// you check the data before the cluster takes writes; then promote with
+    /// SELECT pg_wal_replay_resume().
+    #[arg(long, value_enum, default_value_t = TargetAction::Pause)]
+    target_action: TargetAction,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    exclusive: bool,
+    /// Restore this backup instead of the one pgrestore picks.
+    #[arg(long)]
+    backup: Option<BackupId>,
+    /// Print the plan and touch nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Go on when the target lies beyond the newest archived WAL.
+    #[arg(long)]
+    allow_incomplete: bool,
+    /// Start PostgreSQL and wait until recovery reaches the target.
+    #[arg(long)]
+    start: bool,
+    /// Port for --start.
+    #[arg(long = "port", default_value_t = 5432)]
+    start_port: u16,
+    /// Unix socket directory for --start.
+    #[arg(long, default_value = "/tmp")]
+    socket_dir: PathBuf,
+    /// How long --start waits for recovery.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    start_timeout: Duration,
+    #[command(flatten)]
+    pg: PgArgs,
+    /// The pitr-agent binary for restore_command [default: beside pgrestore, else PATH].
+    #[arg(long, env = "PITR_AGENT")]
+    agent: Option<PathBuf>,
+    /// Only errors.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the plan and the outcome as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "pgrestore: restore from {} is not implemented yet; until it is, restore by hand: \
-         see docs/repository.md",
-        cli.repo.repo
+    init_tracing("warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgrestore: error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgrestore: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(Command::List { json }) = cli.command {
+        let repo = cli.repo.open().await?;
+        let catalog = Catalog::load(&repo.storage)
+            .await
+            .with_context(|| format!("list {}", repo.url))?;
+        let listing = report::listing(&catalog, SystemTime::now());
+        if json {
+            println!("{}", serde_json::to_string_pretty(&listing)?);
+        } else {
+            print!("{}", report::listing_table(&listing));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let args = cli.restore;
+    let say = |line: &str| {
+        if !args.quiet && !args.json {
+            eprintln!("{line}");
+        }
+    };
+    let target = target_of(&args)?;
+    if let RecoveryTarget::Time(t) = &target
+        && t.assumed_utc
+    {
+        say(&format!(
+            "pgrestore: no time zone given: reading the target as UTC, {t}"
+        ));
+    }
+    let Some(dir) = args.pgdata.clone() else {
+        bail!("no data directory: pass --pgdata DIR (or set PGDATA)");
+    };
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let existed = check_target_dir(&dir)?;
+    let agent = find_agent(args.agent.as_deref())?;
+
+    let repo = cli.repo.open().await?;
+    let catalog = Catalog::load(&repo.storage)
+        .await
+        .with_context(|| format!("read the catalog of {}", repo.url))?;
+    let (histories, _) = catalog.histories(&repo.storage).await?;
+    let req = PlanRequest {
+        target: target.clone(),
+        timeline: args.target_timeline,
+        backup: args.backup.clone(),
+        allow_incomplete: args.allow_incomplete,
+    };
+    let plan = RestorePlan::compute(&catalog, &histories, &req)?;
+    let action = args.target_action;
+    say(&plan_text(&plan, &target, action, &dir));
+    if args.dry_run {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        }
+        say("pgrestore: --dry-run: nothing was changed");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let started = Instant::now();
+    let stats = match restore_files(&repo, &plan, &dir, existed, &args).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            clean(&dir, existed);
+            return Err(e.context(format!(
+                "restore into {} (it was left {})",
+                dir.display(),
+                if existed { "empty" } else { "absent" }
+            )));
+        }
+    };
+    let mut restore_command = format!("{} ", agent.display());
+    for a in cli.repo.to_args() {
+        restore_command.push_str(&shell_word(&a));
+        restore_command.push(' ');
+    }
+    restore_command.push_str("wal-fetch %f %p");
+    let recovery = RecoveryConfig {
+        restore_command,
+        target: target.clone(),
+        timeline: plan.target_timeline.clone(),
+        action,
+        exclusive: args.exclusive,
+    };
+    let header = format!(
+        "added by pgrestore at {}: backup {}, recovery to {target}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        plan.backup.id
     );
-    ExitCode::from(2)
+    if let Err(e) = recovery.write(&dir, &header) {
+        clean(&dir, existed);
+        bail!("write the recovery settings into {}: {e}", dir.display());
+    }
+    say(&format!(
+        "pgrestore: restored {} files ({}) in {:.1}s; recovery.signal and the recovery settings \
+         are in {}/postgresql.auto.conf",
+        stats.files,
+        report::bytes(stats.raw_bytes),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
+
+    let mut reached = None;
+    if args.start {
+        let pg = args.pg.resolve();
+        let major = plan.backup.pg_version / 10_000;
+        let pg_ctl = pg.program("pg_ctl", major)?;
+        let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
+        env.extend(s3_env(&cli.repo));
+        let cfg = StartConfig {
+            pg_ctl,
+            port: args.start_port,
+            socket_dir: args.socket_dir.clone(),
+            user: args
+                .pg
+                .user
+                .clone()
+                .unwrap_or_else(|| "postgres".to_owned()),
+            timeout: args.start_timeout,
+            env,
+            action,
+        };
+        say(&format!(
+            "pgrestore: starting PostgreSQL {major} on port {} (socket {}), waiting for {target}",
+            args.start_port,
+            args.socket_dir.display()
+        ));
+        let r = start_and_wait(&dir, &cfg).await?;
+        say(&format!(
+            "pgrestore: reached the target: last replayed transaction at {}, WAL replayed to {}; {}",
+            r.last_transaction_time
+                .as_deref()
+                .unwrap_or("(none replayed)"),
+            r.replay_lsn.as_deref().unwrap_or("(unknown)"),
+            match (r.running, r.promoted) {
+                (false, _) => "the server shut down at the target, as asked".to_owned(),
+                (true, true) => "the server is promoted and accepts writes".to_owned(),
+                (true, false) => "the server is paused at the target, read-only: check the data, \
+                                  then SELECT pg_wal_replay_resume() to promote"
+                    .to_owned(),
+            }
+        ));
+        reached = Some(r);
+    } else {
+        say(&format!(
+            "pgrestore: start PostgreSQL on {} to recover (or rerun with --start)",
+            dir.display()
+        ));
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "plan": plan,
+            "files": stats.files,
+            "raw-bytes": stats.raw_bytes,
+            "stored-bytes": stats.stored_bytes,
+            "seconds": started.elapsed().as_secs_f64(),
+            "reached": reached.map(|mut r| { r.log.clear(); r }),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn target_of(args: &RestoreArgs) -> anyhow::Result<RecoveryTarget> {
+    Ok(if let Some(t) = &args.target_time {
+        RecoveryTarget::Time(TargetTime::parse(t)?)
+    } else if let Some(l) = args.target_lsn {
+        RecoveryTarget::Lsn(l)
+    } else if let Some(x) = args.target_xid {
+        RecoveryTarget::Xid(x)
+    } else if let Some(n) = &args.target_name {
+        RecoveryTarget::Name(n.clone())
+    } else if args.target.is_some() {
+        RecoveryTarget::Immediate
+    } else {
+        bail!(
+            "no recovery target: give one of --target-time '2026-11-21 14:30:00+00', \
+             --target-lsn, --target-xid, --target-name, or --target immediate"
+        )
+    })
+}
+
+async fn restore_files(
+    repo: &pitr_agent::archive::Repo,
+    plan: &RestorePlan,
+    dir: &Path,
+    existed: bool,
+    args: &RestoreArgs,
+) -> anyhow::Result<extract::ExtractStats> {
+    if !existed {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    let key = plan.backup.id.key(DATA_FILE);
+    let reader = repo.storage.get_stream(&key).await?;
+    let total = plan.backup.objects.first().map_or(0, |o| o.bytes);
+    let bar = (!args.quiet && !args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} restoring {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut next_line = total / 4;
+    let plain = !args.quiet && !args.json && bar.is_none();
+    let stats = extract::extract(reader, dir, |stored, _raw| {
+        if let Some(bar) = &bar {
+            bar.set_position(stored);
+        } else if plain && stored >= next_line && total > 0 {
+            eprintln!(
+                "pgrestore: {}% of the backup restored",
+                stored * 100 / total.max(1)
+            );
+            next_line = stored + total / 4;
+        }
+    })
+    .await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // One filesystem sync instead of an fsync per file.
+    let synced = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(dir)
+        .status();
+    if !synced.is_ok_and(|s| s.success()) {
+        bail!(
+            "sync -f {} failed; the restored files may not be durable",
+            dir.display()
+        );
+    }
+    Ok(stats)
+}
+
+/// Removes what a failed restore wrote, leaving `dir` as it was found.
+fn clean(dir: &Path, existed: bool) {
+    if existed {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn find_agent(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return std::path::absolute(p).with_context(|| format!("--agent {}", p.display()));
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("pitr-agent")))
+        .filter(|p| p.is_file())
+    {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("pitr-agent"))
+                .find(|p| p.is_file())
+        })
+        .context(
+            "pitr-agent not found beside pgrestore or on PATH; pass --agent /path/to/pitr-agent",
+        )
+}
+
+fn s3_env(repo: &RepoArgs) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if let Some(e) = &repo.s3_endpoint {
+        env.push(("PITR_S3_ENDPOINT".to_owned(), e.clone()));
+    }
+    if let Some(r) = &repo.s3_region {
+        env.push(("PITR_S3_REGION".to_owned(), r.clone()));
+    }
+    env.push((
+        "PITR_S3_FORCE_PATH_STYLE".to_owned(),
+        repo.s3_force_path_style.to_string(),
+    ));
+    env
+}
+
+/// A word safe inside a single-quoted postgresql.conf value run by `sh -c`.
+fn shell_word(word: &str) -> String {
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/:._-=%@+".contains(&b))
+    {
+        word.to_owned()
+    } else {
+        format!("\"{}\"", word.replace(['"', '\\', '$', '`'], ""))
+    }
+}
+
+fn plan_text(
+    plan: &RestorePlan,
+    target: &RecoveryTarget,
+    action: TargetAction,
+    dir: &Path,
+) -> String {
+    let b = &plan.backup;
+    let mut out = format!(
+        "pgrestore plan:\n  target:    {target}, timeline {} (ends on timeline {}), then {} {}\n  \
+         backup:    {} (ended {}, {} stored, PostgreSQL {}, LSN {}..{})\n",
+        plan.target_timeline,
+        plan.timeline,
+        action.as_str(),
+        if action == TargetAction::Pause {
+            "(default: inspect, then SELECT pg_wal_replay_resume())"
+        } else {
+            ""
+        },
+        b.id,
+        humantime::format_rfc3339_seconds(b.stop_time),
+        report::bytes(plan.backup_bytes),
+        b.pg_version / 10_000,
+        b.start_lsn,
+        b.stop_lsn
+    );
+    match (&plan.wal_first, &plan.wal_last) {
+        (Some(first), Some(last)) => out.push_str(&format!(
+            "  WAL:       {first}..{last} ({} segments, {} from the archive)\n",
+            plan.wal_segments,
+            report::bytes(plan.wal_bytes)
+        )),
+        _ => out.push_str("  WAL:       only what the backup carries\n"),
+    }
+    out.push_str(&format!(
+        "  to fetch:  {}\n",
+        report::bytes(plan.backup_bytes + plan.wal_bytes)
+    ));
+    if let Some(w) = &plan.window {
+        out.push_str(&format!(
+            "  window:    {} .. {}\n",
+            humantime::format_rfc3339_seconds(w.start),
+            humantime::format_rfc3339_seconds(w.end)
+        ));
+    }
+    out.push_str(&format!("  into:      {}\n", dir.display()));
+    for note in &plan.notes {
+        out.push_str(&format!("  note:      {note}\n"));
+    }
+    out.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn shell_words_survive_sh() {
+        assert_eq!(shell_word("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(shell_word("a b"), "\"a b\"");
+        assert_eq!(shell_word("$(rm)"), "\"(rm)\"");
+    }
 }

@@ -1,0 +1,317 @@
+//! The restore plan, computed before anything touches the data directory:
+//! which backup, which timeline, which WAL, how many bytes, and every reason
+//! the restore cannot reach the target.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
+use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow};
+use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileName, WalIndex};
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// Where to stop.
+    pub target: RecoveryTarget,
+    /// Which timeline to follow.
+    pub timeline: TargetTimeline,
+    /// A backup chosen by hand.
+    pub backup: Option<BackupId>,
+    /// Go on when the target lies beyond the newest archived WAL.
+    pub allow_incomplete: bool,
+}
+
+/// What the restore will do.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RestorePlan {
+    /// The backup restored.
+    pub backup: BackupRecord,
+    /// The timeline recovery ends on.
+    pub timeline: TimelineId,
+    /// `recovery_target_timeline` as PostgreSQL will be told.
+    pub target_timeline: String,
+    /// The first archived segment recovery may fetch.
+    pub wal_first: Option<String>,
+    /// The last archived segment recovery may fetch.
+    pub wal_last: Option<String>,
+    /// How many archived segments that is.
+    pub wal_segments: u64,
+    /// Their stored bytes.
+    pub wal_bytes: u64,
+    /// Stored bytes of the backup.
+    pub backup_bytes: u64,
+    /// The restorable window.
+    pub window: Option<RestorableWindow>,
+    /// Things the operator should know.
+    pub notes: Vec<String>,
+}
+
+/// Why there is no plan. Each says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// Nothing to restore from.
+    #[error("the repository has no backup; take one with `pitr-agent backup` first")]
+    NoBackups,
+    /// `--backup` names nothing.
+    #[error("no backup {0} in the repository; `pgrestore list` shows the backups")]
+    UnknownBackup(BackupId),
+    /// No backup on the requested timeline.
+    #[error(
+        "no backup can reach timeline {0}: none is on it or on one of its ancestors before it \
+         branched; choose another --target-timeline"
+    )]
+    NoBackupOnTimeline(TimelineId),
+    /// The target precedes every backup's end.
+    #[error(
+        "the target {target} is before the earliest restorable point, {earliest} (the end of the \
+         oldest backup{which}); choose a later target"
+    )]
+    BeforeWindow {
+        /// The target.
+        target: String,
+        /// The earliest point.
+        earliest: String,
+        /// Which backup, when chosen by hand.
+        which: String,
+    },
+    /// The target lies beyond the archive.
+    #[error(
+        "the target {target} is beyond the newest archived WAL ({newest}); recovery would end \
+         before it. Check that archiving works (pg_stat_archiver), choose an earlier target, or \
+         pass --allow-incomplete to recover as far as the archive goes"
+    )]
+    BeyondArchive {
+        /// The target.
+        target: String,
+        /// What the archive reaches.
+        newest: String,
+    },
+    /// A hole in the WAL the restore needs.
+    #[error(
+        "WAL gap: {range} missing from the repository; recovery from backup {backup} cannot pass \
+         it. Choose a target before it, or a backup taken after it (`pgrestore list`)"
+    )]
+    Gap {
+        /// The missing segments.
+        range: String,
+        /// The backup.
+        backup: BackupId,
+    },
+}
+
+impl RestorePlan {
+    /// Plans a restore of `catalog` toward `req`. `histories` are the parsed
+    /// `.history` files of the repository.
+    ///
+    /// # Errors
+    /// [`PlanError`] for each reason the target cannot be reached.
+    pub fn compute(
+        catalog: &Catalog,
+        histories: &HashMap<TimelineId, TimelineHistory>,
+        req: &PlanRequest,
+    ) -> Result<Self, PlanError> {
+        if catalog.backups.is_empty() {
+            return Err(PlanError::NoBackups);
+        }
+        let seg = catalog.segment_size();
+        let names: Vec<WalFileName> = catalog.wal.iter().map(|w| w.name.clone()).collect();
+        let index = WalIndex::new(&names, histories.clone(), seg);
+        let candidates: Vec<&BackupRecord> = match &req.backup {
+            Some(id) => vec![
+                catalog
+                    .backups
+                    .iter()
+                    .find(|b| &b.id == id)
+                    .ok_or_else(|| PlanError::UnknownBackup(id.clone()))?,
+            ],
+            None => catalog.backups.iter().collect(),
+        };
+        // Each candidate with the timeline recovery from it would end on.
+        let on_timeline: Vec<(&BackupRecord, TimelineId)> = candidates
+            .iter()
+            .filter_map(|b| {
+                // 'latest' is the highest timeline in the archive, as PostgreSQL
+                // resolves it, even if that is a branch someone abandoned.
+                let tl = match req.timeline {
+                    TargetTimeline::Latest => index
+                        .newest_timeline()
+                        .unwrap_or(b.timeline)
+                        .max(b.timeline),
+                    TargetTimeline::Current => b.timeline,
+                    TargetTimeline::Id(t) => t,
+                };
+                index
+                    .descends(tl, b.timeline, b.stop_lsn)
+                    .then_some((*b, tl))
+            })
+            .collect();
+        if on_timeline.is_empty() {
+            let t = match req.timeline {
+                TargetTimeline::Id(t) => t,
+                _ => index.newest_timeline().unwrap_or(TimelineId(1)),
+            };
+            return Err(PlanError::NoBackupOnTimeline(t));
+        }
+        let which = match &req.backup {
+            Some(id) => format!(", {id}, chosen with --backup"),
+            None => String::new(),
+        };
+        let mut notes = Vec::new();
+        let chosen = match &req.target {
+            RecoveryTarget::Time(t) => on_timeline
+                .iter()
+                .rev()
+                .find(|(b, _)| TargetTime::from_system_time(b.stop_time) <= *t)
+                .ok_or_else(|| PlanError::BeforeWindow {
+                    target: req.target.to_string(),
+                    earliest: on_timeline
+                        .iter()
+                        .map(|(b, _)| TargetTime::from_system_time(b.stop_time))
+                        .min()
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    which: which.clone(),
+                })?,
+            RecoveryTarget::Lsn(l) => on_timeline
+                .iter()
+                .rev()
+                .find(|(b, _)| b.stop_lsn <= *l)
+                .ok_or_else(|| PlanError::BeforeWindow {
+                    target: req.target.to_string(),
+                    earliest: on_timeline
+                        .iter()
+                        .map(|(b, _)| b.stop_lsn)
+                        .min()
+                        .map(|l| format!("LSN {l}"))
+                        .unwrap_or_default(),
+                    which: which.clone(),
+                })?,
+            RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => {
+                // When a transaction committed or a restore point was made is
+                // known only by replaying; the oldest backup reaches them all.
+                if req.backup.is_none() && on_timeline.len() > 1 {
+                    notes.push(
+                        "a transaction's or restore point's position is known only by replay: \
+                         starting from the oldest backup; pass --backup to start from a later one"
+                            .to_owned(),
+                    );
+                }
+                on_timeline.first().expect("non-empty")
+            }
+            RecoveryTarget::Immediate => on_timeline.last().expect("non-empty"),
+        };
+        let (backup, timeline) = (chosen.0, chosen.1);
+        let target_timeline = match req.timeline {
+            TargetTimeline::Latest => "latest".to_owned(),
+            TargetTimeline::Current => "current".to_owned(),
+            TargetTimeline::Id(t) => t.to_string(),
+        };
+
+        // The tar holds the WAL up to the backup's end; past that, the archive.
+        let last_in_tar = Lsn(backup.stop_lsn.0.saturating_sub(1)).segment(seg);
+        let path = index.path(backup.timeline, last_in_tar, timeline);
+        let newest = index.end_of(&path);
+        let window = catalog.restorable_window();
+        let newest_text = WalFileName::segment(WalIndex::timeline_for(&path, newest), newest, seg);
+        let end = match &req.target {
+            RecoveryTarget::Immediate => None,
+            RecoveryTarget::Lsn(l) => {
+                let want = l.segment(seg);
+                if want > newest && !req.allow_incomplete {
+                    return Err(PlanError::BeyondArchive {
+                        target: req.target.to_string(),
+                        newest: format!(
+                            "{newest_text}, ending at LSN {}",
+                            segment_end(newest, seg)
+                        ),
+                    });
+                }
+                Some(want.min(newest))
+            }
+            RecoveryTarget::Time(t) => {
+                // When the newest segment on this path was archived (other
+                // timelines may have gone further), or the backup's end.
+                let newest_name =
+                    WalFileName::segment(WalIndex::timeline_for(&path, newest), newest, seg);
+                let reach = catalog
+                    .wal
+                    .iter()
+                    .find(|w| w.name == newest_name)
+                    .and_then(|w| w.meta.modified)
+                    // S3 object times have one-second precision.
+                    .map(|m| (m + std::time::Duration::from_secs(1)).max(backup.stop_time))
+                    .or(Some(backup.stop_time));
+                if reach.is_some_and(|end| TargetTime::from_system_time(end) < *t)
+                    && !req.allow_incomplete
+                {
+                    return Err(PlanError::BeyondArchive {
+                        target: req.target.to_string(),
+                        newest: format!(
+                            "{newest_text}, archived at {}",
+                            TargetTime::from_system_time(reach.unwrap_or(SystemTime::UNIX_EPOCH))
+                        ),
+                    });
+                }
+                Some(newest)
+            }
+            RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => Some(newest),
+        };
+        let (mut wal_first, mut wal_last, mut wal_segments, mut wal_bytes) = (None, None, 0, 0);
+        if let Some(end) = end.filter(|e| *e >= last_in_tar) {
+            let (missing, _) = index.missing(&path, last_in_tar, end);
+            if let Some(&(tl, first)) = missing.first() {
+                let run = missing
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, (t, s))| *t == tl && s.0 == first.0 + *i as u64)
+                    .count();
+                let last = missing[run - 1].1;
+                return Err(PlanError::Gap {
+                    range: index.range_text(tl, first, last),
+                    backup: backup.id.clone(),
+                });
+            }
+            let wanted: std::collections::HashSet<(TimelineId, SegmentNo)> = (last_in_tar.0
+                ..=end.0)
+                .map(|s| (WalIndex::timeline_for(&path, SegmentNo(s)), SegmentNo(s)))
+                .collect();
+            for w in &catalog.wal {
+                if let Some(s) = w.name.segment_no(seg)
+                    && wanted.contains(&(w.name.timeline(), s))
+                    && w.name.kind() == crate::wal::WalFileKind::Segment
+                {
+                    wal_segments += 1;
+                    wal_bytes += w.meta.size;
+                }
+            }
+            wal_first = Some(
+                WalFileName::segment(WalIndex::timeline_for(&path, last_in_tar), last_in_tar, seg)
+                    .to_string(),
+            );
+            wal_last = Some(
+                WalFileName::segment(WalIndex::timeline_for(&path, end), end, seg).to_string(),
+            );
+        }
+        Ok(RestorePlan {
+            backup_bytes: backup.stored_bytes,
+            backup: backup.clone(),
+            timeline,
+            target_timeline,
+            wal_first,
+            wal_last,
+            wal_segments,
+            wal_bytes,
+            window,
+            notes,
+        })
+    }
+}
+
+/// The first LSN after segment `segno`.
+fn segment_end(segno: SegmentNo, seg: u32) -> Lsn {
+    Lsn((segno.0 + 1) * u64::from(seg))
+}

@@ -1,0 +1,252 @@
+//! Recovery configuration, and starting PostgreSQL to watch it reach the target.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use super::target::{RecoveryTarget, TargetAction};
+
+/// The recovery settings pgrestore writes.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// The full `restore_command`.
+    pub restore_command: String,
+    /// Where to stop.
+    pub target: RecoveryTarget,
+    /// `recovery_target_timeline`.
+    pub timeline: String,
+    /// `recovery_target_action`.
+    pub action: TargetAction,
+    /// `recovery_target_inclusive = off`.
+    pub exclusive: bool,
+}
+
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl RecoveryConfig {
+    /// The lines appended to `postgresql.auto.conf`.
+    #[must_use]
+    pub fn lines(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "restore_command = {}", quote(&self.restore_command));
+        let (key, value) = match &self.target {
+            RecoveryTarget::Time(t) => ("recovery_target_time", t.to_string()),
+            RecoveryTarget::Lsn(l) => ("recovery_target_lsn", l.to_string()),
+            RecoveryTarget::Xid(x) => ("recovery_target_xid", x.to_string()),
+            RecoveryTarget::Name(n) => ("recovery_target_name", n.clone()),
+            RecoveryTarget::Immediate => ("recovery_target", "immediate".to_owned()),
+        };
+        let _ = writeln!(out, "{key} = {}", quote(&value));
+        let _ = writeln!(out, "recovery_target_timeline = {}", quote(&self.timeline));
+        let _ = writeln!(
+            out,
+            "recovery_target_action = {}",
+            quote(self.action.as_str())
+        );
+        if self.exclusive {
+            let _ = writeln!(out, "recovery_target_inclusive = off");
+        }
+        out
+    }
+
+    /// Appends the settings and creates `recovery.signal` in `dir`.
+    ///
+    /// # Errors
+    /// The files cannot be written.
+    pub fn write(&self, dir: &Path, header: &str) -> std::io::Result<()> {
+        let conf = dir.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let _ = writeln!(text, "# {header}");
+        text.push_str(&self.lines());
+        std::fs::write(&conf, text)?;
+        std::fs::write(dir.join("recovery.signal"), "")
+    }
+}
+
+/// How to start the restored server.
+#[derive(Debug, Clone)]
+pub struct StartConfig {
+    /// `pg_ctl` of the backup's major version.
+    pub pg_ctl: PathBuf,
+    /// Port to listen on.
+    pub port: u16,
+    /// Unix socket directory.
+    pub socket_dir: PathBuf,
+    /// The database superuser to connect as.
+    pub user: String,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Extra environment for the server (so its archive_command and
+    /// restore_command reach the repository).
+    pub env: Vec<(String, String)>,
+    /// The action, to know what "reached" looks like.
+    pub action: TargetAction,
+}
+
+/// Where recovery stopped.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Reached {
+    /// The last replayed transaction's commit time.
+    pub last_transaction_time: Option<String>,
+    /// The last replayed WAL position.
+    pub replay_lsn: Option<String>,
+    /// Whether the server is now open for writes (promoted).
+    pub promoted: bool,
+    /// Whether the server is running.
+    pub running: bool,
+    /// The server log.
+    pub log: String,
+}
+
+/// Why the started server did not reach the target.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// pg_ctl failed.
+    #[error("cannot start PostgreSQL with {pg_ctl}: {detail}")]
+    PgCtl {
+        /// The program.
+        pg_ctl: String,
+        /// What it said.
+        detail: String,
+    },
+    /// Recovery ended early, or the server died.
+    #[error("{0}")]
+    Failed(String),
+    /// Too slow.
+    #[error(
+        "recovery did not reach the target within {0:?}; the server is still running: watch \
+         its log, and stop it with pg_ctl stop"
+    )]
+    Timeout(Duration),
+}
+
+/// Starts PostgreSQL on `dir` and waits until recovery reaches the target
+/// (paused, promoted, or shut down, as the action says).
+///
+/// # Errors
+/// [`StartError`] with the end of the server log when recovery ends before the target.
+pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, StartError> {
+    let log_path = dir.join("pgrestore-recovery.log");
+    let opts = format!(
+        "-p {} -c unix_socket_directories={} -c listen_addresses=''",
+        cfg.port,
+        quote(&cfg.socket_dir.display().to_string())
+    );
+    let out = tokio::process::Command::new(&cfg.pg_ctl)
+        .arg("-D")
+        .arg(dir)
+        .arg("-l")
+        .arg(&log_path)
+        .args(["-o", &opts, "-W", "start"])
+        .envs(cfg.env.iter().cloned())
+        .output()
+        .await
+        .map_err(|e| StartError::PgCtl {
+            pg_ctl: cfg.pg_ctl.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(StartError::PgCtl {
+            pg_ctl: cfg.pg_ctl.display().to_string(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let deadline = Instant::now() + cfg.timeout;
+    let pid_file = dir.join("postmaster.pid");
+    // The postmaster writes its pid file a moment after pg_ctl returns.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("recovery ended before configured recovery target was reached") {
+            return Err(StartError::Failed(format!(
+                "PostgreSQL ended recovery before the target: the WAL that reaches it is not in \
+                 the repository. The server stopped; {} holds no usable result: empty it and \
+                 restore to an earlier target, or check archiving. Server log:\n{}",
+                dir.display(),
+                tail(&log, 8)
+            )));
+        }
+        let running = pid_file.exists();
+        if !running {
+            // With log_min_messages above LOG the "shutdown at recovery target"
+            // line is missing; a clean stop without FATAL is the same outcome.
+            if cfg.action == TargetAction::Shutdown && !log.contains("FATAL") {
+                return Ok(Reached {
+                    running: false,
+                    log,
+                    ..Reached::default()
+                });
+            }
+            return Err(StartError::Failed(format!(
+                "PostgreSQL stopped during recovery. Server log:\n{}",
+                tail(&log, 12)
+            )));
+        }
+        if let Some(reached) = probe(cfg).await {
+            let done = match cfg.action {
+                TargetAction::Promote => reached.promoted,
+                TargetAction::Pause => reached.running && !reached.promoted,
+                TargetAction::Shutdown => false,
+            };
+            if done {
+                return Ok(Reached { log, ..reached });
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(StartError::Timeout(cfg.timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asks the server where replay is; `None` while it does not accept connections.
+/// For `pause`, only a paused server counts as there.
+async fn probe(cfg: &StartConfig) -> Option<Reached> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(&cfg.socket_dir)
+        .port(cfg.port)
+        .user(&cfg.user)
+        .dbname("postgres")
+        .application_name("pgrestore")
+        .connect_timeout(Duration::from_secs(2));
+    let (client, conn) = config.connect(NoTls).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
+             pg_last_xact_replay_timestamp()::text, pg_last_wal_replay_lsn()::text",
+            &[],
+        )
+        .await
+        .ok()?;
+    let in_recovery: bool = row.get(0);
+    let paused: bool = row.get(1);
+    if in_recovery && !paused {
+        return None;
+    }
+    Some(Reached {
+        last_transaction_time: row.get(2),
+        replay_lsn: row.get(3),
+        promoted: !in_recovery,
+        running: true,
+        log: String::new(),
+    })
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
