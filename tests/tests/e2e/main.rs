@@ -6,6 +6,7 @@ mod backup;
 mod cli;
 mod conformance;
 mod fetch;
+mod restore;
 
 use pitr_tests::bins::agent;
 use pitr_tests::pg::{PgBin, PgOptions, Postgres};

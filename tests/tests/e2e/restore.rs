@@ -1,0 +1,535 @@
+//! `pgrestore` against a real PostgreSQL: randomized point-in-time restores
+//! that must hold exactly the markers committed up to the target, timelines
+//! followed as asked, and refusals that leave the directory untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pitr_tests::bins::{agent, pgrestore, run_ok};
+use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
+use pitr_tests::s3::{S3Kind, S3Server};
+use pitr_tests::{RunAs, free_port, user_tempdir, wait_for};
+use rand::{Rng, SeedableRng};
+
+use super::pg_bin;
+
+/// One committed marker row and where it landed.
+#[derive(Debug, Clone)]
+struct Marker {
+    id: i32,
+    xid: String,
+    commit_time: String,
+    lsn_after: String,
+}
+
+struct Source {
+    pg: Postgres,
+    repo: String,
+    env: Vec<(String, String)>,
+    markers: Vec<Marker>,
+    _tmp: Option<tempfile::TempDir>,
+    _server: Option<S3Server>,
+}
+
+impl Source {
+    fn start(bin: &PgBin, kind: Option<S3Kind>) -> Option<Self> {
+        let (repo, env, tmp, server) = match kind {
+            None => {
+                let tmp = user_tempdir(RunAs::test_user(), "repo");
+                let repo = format!("file://{}/archive", tmp.path().display());
+                (repo, Vec::new(), Some(tmp), None)
+            }
+            Some(kind) => {
+                let server = super::s3_server(kind)?;
+                (server.url("pitr"), server.env(), None, Some(server))
+            }
+        };
+        let mut pg_env = env.clone();
+        pg_env.push(("PITR_REPO".into(), repo.clone()));
+        let pg = Postgres::start_new(
+            bin,
+            &PgOptions {
+                archive_command: Some(format!("{} wal-push %p", agent().display())),
+                env: pg_env,
+                conf: vec!["track_commit_timestamp = on".into()],
+            },
+        );
+        pg.exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
+        Some(Source {
+            pg,
+            repo,
+            env,
+            markers: Vec::new(),
+            _tmp: tmp,
+            _server: server,
+        })
+    }
+
+    /// Commits marker `id` in its own transaction and records where it landed.
+    fn mark(&mut self, id: i32) {
+        self.pg
+            .exec(&format!("INSERT INTO markers VALUES ({id}, 1)"));
+        let row = self.pg.sql(&format!(
+            "SELECT xmin::text || '|' || pg_xact_commit_timestamp(xmin)::text || '|' || \
+             pg_current_wal_insert_lsn()::text FROM markers WHERE id = {id}"
+        ));
+        let parts: Vec<&str> = row.split('|').collect();
+        self.markers.push(Marker {
+            id,
+            xid: parts[0].to_owned(),
+            commit_time: parts[1].to_owned(),
+            lsn_after: parts[2].to_owned(),
+        });
+        // Commit timestamps must differ for time targets between markers.
+        std::thread::sleep(Duration::from_millis(15));
+    }
+
+    fn agent(&self, args: &[&str]) -> Command {
+        let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
+        cmd.envs(self.env.iter().cloned())
+            .envs(self.pg.client_env())
+            .args(["--repo", &self.repo])
+            .args(args);
+        cmd
+    }
+
+    fn backup(&self) -> String {
+        let out = run_ok(&mut self.agent(&["backup", "--json"]), "backup");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        v["id"].as_str().expect("id").to_owned()
+    }
+
+    fn archive_now(&self) {
+        let last = self.pg.switch_wal();
+        self.pg.wait_archived(&last, ARCHIVE_TIMEOUT);
+    }
+
+    /// Midway between the commits of markers `k` and `k + 1` (ids, 1-based).
+    fn time_between(&self, k: i32) -> String {
+        let t = |id: i32| {
+            self.pg.sql(&format!(
+                "SELECT extract(epoch FROM '{}'::timestamptz)::numeric",
+                self.markers
+                    .iter()
+                    .find(|m| m.id == id)
+                    .expect("marker")
+                    .commit_time
+            ))
+        };
+        self.pg.sql(&format!(
+            "SELECT to_timestamp(({} + {}) / 2)::text",
+            t(k),
+            t(k + 1)
+        ))
+    }
+
+    fn marker(&self, id: i32) -> &Marker {
+        self.markers.iter().find(|m| m.id == id).expect("marker")
+    }
+}
+
+/// A restored data directory, its own socket and port; stopped on drop.
+struct Restored {
+    bin: PgBin,
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    socket: PathBuf,
+    port: u16,
+}
+
+impl Restored {
+    fn new(bin: &PgBin) -> Self {
+        let tmp = user_tempdir(RunAs::test_user(), "restore");
+        Restored {
+            bin: bin.clone(),
+            data: tmp.path().join("data"),
+            socket: tmp.path().to_owned(),
+            port: free_port(),
+            _tmp: tmp,
+        }
+    }
+
+    fn pgrestore(&self, src: &Source, args: &[&str]) -> Output {
+        let mut cmd = Command::new(pgrestore());
+        RunAs::test_user().apply(&mut cmd);
+        cmd.current_dir(std::env::temp_dir())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(src.env.iter().cloned())
+            .env("PGUSER", "postgres")
+            .env("PG_BIN", &self.bin.dir)
+            .args(["--repo", &src.repo, "--pgdata"])
+            .arg(&self.data)
+            .args(["--port", &self.port.to_string(), "--socket-dir"])
+            .arg(&self.socket)
+            .args(["--start-timeout", "120s"])
+            .args(args);
+        cmd.output().expect("run pgrestore")
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.tool("psql"))
+            .args([
+                "-h",
+                &self.socket.display().to_string(),
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args([
+                "-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-q", "-c", sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn ids(&self) -> String {
+        self.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM markers")
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let mut cmd = Command::new(self.bin.tool("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-m", "immediate", "stop"]);
+        RunAs::test_user().apply(&mut cmd);
+        let _ = cmd.output();
+    }
+}
+
+fn ids(range: impl IntoIterator<Item = i32>) -> String {
+    range
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Markers 1-5, backup 1, markers 6-20, backup 2, markers 21-35; a restore
+/// point after each marker from 6 on, and a WAL switch every fourth.
+/// Returns the backup ids.
+fn history(src: &mut Source) -> (String, String) {
+    for id in 1..=5 {
+        src.mark(id);
+    }
+    let b1 = src.backup();
+    let mut b2 = String::new();
+    for id in 6..=35 {
+        src.mark(id);
+        src.pg
+            .exec(&format!("SELECT pg_create_restore_point('rp_{id}')"));
+        if id % 4 == 0 {
+            let _ = src.pg.switch_wal();
+        }
+        if id == 20 {
+            b2 = src.backup();
+        }
+    }
+    src.archive_now();
+    (b1, b2)
+}
+
+fn randomized_pitr(bin: &PgBin, kind: Option<S3Kind>) {
+    let Some(mut src) = Source::start(bin, kind) else {
+        return;
+    };
+    let (b1, _b2) = history(&mut src);
+    let seed: u64 = std::env::var("PITR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("randomized_pitr seed {seed} (PITR_TEST_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut k = |lo: i32, hi: i32| rng.random_range(lo..=hi);
+
+    // (what, pgrestore target args, expected marker ids)
+    let mut cases: Vec<(String, Vec<String>, String)> = Vec::new();
+    let kt = k(6, 34);
+    cases.push((
+        format!("time after marker {kt}"),
+        vec!["--target-time".into(), src.time_between(kt)],
+        ids(1..=kt),
+    ));
+    let kt2 = k(21, 34);
+    cases.push((
+        format!("time after marker {kt2}, second backup"),
+        vec!["--target-time".into(), src.time_between(kt2)],
+        ids(1..=kt2),
+    ));
+    let kl = k(6, 34);
+    cases.push((
+        format!("LSN after marker {kl}"),
+        vec!["--target-lsn".into(), src.marker(kl).lsn_after.clone()],
+        ids(1..=kl),
+    ));
+    let kx = k(6, 35);
+    cases.push((
+        format!("xid of marker {kx}"),
+        vec!["--target-xid".into(), src.marker(kx).xid.clone()],
+        ids(1..=kx),
+    ));
+    let kn = k(6, 35);
+    cases.push((
+        format!("restore point after marker {kn}"),
+        vec!["--target-name".into(), format!("rp_{kn}")],
+        ids(1..=kn),
+    ));
+    cases.push((
+        "immediate, first backup".into(),
+        vec![
+            "--target".into(),
+            "immediate".into(),
+            "--backup".into(),
+            b1.clone(),
+        ],
+        ids(1..=5),
+    ));
+    let kx2 = k(6, 34);
+    cases.push((
+        format!("xid of marker {kx2}, exclusive"),
+        vec![
+            "--target-xid".into(),
+            src.marker(kx2).xid.clone(),
+            "--exclusive".into(),
+        ],
+        ids(1..kx2),
+    ));
+    for (what, target, expected) in &cases {
+        let r = Restored::new(bin);
+        let mut args: Vec<&str> = target.iter().map(String::as_str).collect();
+        args.extend(["--start", "--target-action", "pause"]);
+        let out = r.pgrestore(&src, &args);
+        ok(&out, what);
+        assert_eq!(&r.ids(), expected, "restore to {what} (seed {seed})");
+    }
+
+    timelines(bin, &mut src, seed);
+}
+
+/// Restore and promote (a new timeline, archived into the same repository),
+/// write on it, then restore again following either timeline.
+fn timelines(bin: &PgBin, src: &mut Source, seed: u64) {
+    let r1 = Restored::new(bin);
+    let t10 = src.time_between(10);
+    ok(
+        &r1.pgrestore(
+            src,
+            &[
+                "--target-time",
+                &t10,
+                "--start",
+                "--target-action",
+                "promote",
+            ],
+        ),
+        "restore and promote",
+    );
+    assert_eq!(r1.ids(), ids(1..=10));
+    assert_eq!(
+        r1.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"),
+        "00000002"
+    );
+    let mut tl2_times = Vec::new();
+    for id in 101..=103 {
+        r1.sql(&format!("INSERT INTO markers VALUES ({id}, 2)"));
+        tl2_times.push(r1.sql(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM markers WHERE id = {id}"
+        )));
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_for("timeline 2 to be archived", ARCHIVE_TIMEOUT, || {
+        let archived = r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        (archived >= last).then_some(())
+    });
+    assert_eq!(
+        r1.sql("SELECT failed_count FROM pg_stat_archiver"),
+        "0",
+        "the restored cluster archives its new timeline without clobbering anything"
+    );
+    drop(r1);
+
+    // Latest: follows timeline 2 and sees its rows up to the target.
+    let t102 = r_between(src, &tl2_times[1], &tl2_times[2]);
+    let r2 = Restored::new(bin);
+    ok(
+        &r2.pgrestore(src, &["--target-time", &t102, "--start"]),
+        "restore along timeline 2",
+    );
+    let mut want: Vec<i32> = (1..=10).collect();
+    want.extend([101, 102]);
+    assert_eq!(r2.ids(), ids(want), "timeline latest (seed {seed})");
+    drop(r2);
+
+    // Timeline 1: the original history, past the point where 2 branched off;
+    // promoted, it must pick a fresh timeline (3), not reuse 2.
+    let t30 = src.time_between(30);
+    let r3 = Restored::new(bin);
+    ok(
+        &r3.pgrestore(
+            src,
+            &[
+                "--target-time",
+                &t30,
+                "--target-timeline",
+                "1",
+                "--start",
+                "--target-action",
+                "promote",
+            ],
+        ),
+        "restore along timeline 1",
+    );
+    assert_eq!(r3.ids(), ids(1..=30), "timeline 1 (seed {seed})");
+    assert_eq!(
+        r3.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"),
+        "00000003"
+    );
+}
+
+fn r_between(src: &Source, a: &str, b: &str) -> String {
+    src.pg.sql(&format!(
+        "SELECT to_timestamp((extract(epoch FROM '{a}'::timestamptz) + \
+         extract(epoch FROM '{b}'::timestamptz)) / 2)::text"
+    ))
+}
+
+#[test]
+fn randomized_point_in_time_restores_from_a_file_repository() {
+    let Some(bin) = pg_bin() else { return };
+    randomized_pitr(&bin, None);
+}
+
+#[test]
+fn randomized_point_in_time_restores_from_s3() {
+    let Some(bin) = pg_bin() else { return };
+    randomized_pitr(&bin, Some(S3Kind::Moto));
+}
+
+/// Asserts a refusal: exit 2, the message, and `dir` exactly as before.
+fn refused(out: &Output, needle: &str, dir: &Path, before: &[String]) {
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
+    assert_eq!(listing(dir), before, "the directory was touched");
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn refusals_leave_the_directory_untouched() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(mut src) = Source::start(&bin, None) else {
+        return;
+    };
+    src.mark(1);
+    let r = Restored::new(&bin);
+    // Before any backup.
+    refused(
+        &r.pgrestore(&src, &["--target-time", "2026-11-21 14:30:00+00"]),
+        "has no backup",
+        &r.data,
+        &[],
+    );
+    src.backup();
+    for id in 2..=4 {
+        src.mark(id);
+        let _ = src.pg.switch_wal();
+    }
+    src.archive_now();
+
+    refused(
+        &r.pgrestore(&src, &["--target-time", "14:30 yesterday"]),
+        "'2026-11-21 14:30:00+00'",
+        &r.data,
+        &[],
+    );
+    refused(
+        &r.pgrestore(&src, &["--target-time", "2001-01-01 00:00:00+00"]),
+        "before the earliest restorable point",
+        &r.data,
+        &[],
+    );
+    refused(
+        &r.pgrestore(&src, &["--target-time", "2099-01-01 00:00:00+00"]),
+        "--allow-incomplete",
+        &r.data,
+        &[],
+    );
+    refused(
+        &r.pgrestore(&src, &["--target-lsn", "FF/0"]),
+        "beyond the newest archived WAL",
+        &r.data,
+        &[],
+    );
+    refused(&r.pgrestore(&src, &[]), "no recovery target", &r.data, &[]);
+
+    // A directory with something in it.
+    std::fs::create_dir_all(&r.data).expect("mkdir");
+    std::fs::write(r.data.join("keep.me"), "x").expect("write");
+    RunAs::test_user().chown_tree(&r.data);
+    let t = src.time_between(3);
+    refused(
+        &r.pgrestore(&src, &["--target-time", &t]),
+        "is not empty",
+        &r.data,
+        &["keep.me".into()],
+    );
+    std::fs::remove_dir_all(&r.data).expect("clean");
+
+    // Recovery that cannot reach the target, let through on purpose.
+    let r2 = Restored::new(&bin);
+    let out = r2.pgrestore(
+        &src,
+        &[
+            "--target-time",
+            "2099-01-01 00:00:00+00",
+            "--allow-incomplete",
+            "--start",
+        ],
+    );
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("ended recovery before the target"),
+        "PostgreSQL's early end is reported: {msg}"
+    );
+
+    // A hole in the WAL between the backup and the target.
+    let tmp = src._tmp.as_ref().expect("file repository");
+    let wal = tmp.path().join("archive/wal");
+    let lsn = &src.marker(3).lsn_after;
+    let segment = src.pg.sql(&format!("SELECT pg_walfile_name('{lsn}')"));
+    std::fs::remove_file(wal.join(format!("{segment}.gz"))).expect("delete a segment");
+    refused(
+        &r.pgrestore(&src, &["--target-time", &t]),
+        &format!("WAL gap: {segment}"),
+        &r.data,
+        &[],
+    );
+}
