@@ -1,6 +1,6 @@
 # The two commands a newcomer needs:
 #   make demo   archive and back up a throwaway PostgreSQL into a file:// repository,
-#               then restore it by hand to a point in time and check the rows
+#               then pgrestore it to a noted second and check the rows
 #   make test   unit, conformance and end-to-end tests (real PostgreSQL, real S3 servers)
 # Both install what is missing when run as root, or say what to install.
 
@@ -21,8 +21,8 @@ test: deps
 	cargo test --workspace --locked
 	@for major in $(EXTRA_PG_MAJORS); do \
 		bin=$$(.ci/pg-binaries.sh $$major) || exit 1; \
-		echo "== end-to-end archiving and backup tests on PostgreSQL $$major ($$bin)"; \
-		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: || exit 1; \
+		echo "== end-to-end archiving, backup and restore tests on PostgreSQL $$major ($$bin)"; \
+		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: restore:: || exit 1; \
 	done
 
 bench:

@@ -447,13 +447,13 @@ fn plan_text(
 ) -> String {
     let b = &plan.backup;
     let mut out = format!(
-        "pgrestore plan:\n  target:    {target}, timeline {} (ends on timeline {}), then {} {}\n  \
+        "pgrestore plan:\n  target:    {target}, timeline {} (ends on timeline {}), then {}{}\n  \
          backup:    {} (ended {}, {} stored, PostgreSQL {}, LSN {}..{})\n",
         plan.target_timeline,
         plan.timeline,
         action.as_str(),
         if action == TargetAction::Pause {
-            "(default: inspect, then SELECT pg_wal_replay_resume())"
+            " (the default: inspect, then SELECT pg_wal_replay_resume() to promote)"
         } else {
             ""
         },
