@@ -29,6 +29,7 @@ bench:
 	.ci/install-deps.sh --bench
 	cargo bench --workspace --bench archive
 	cargo bench --workspace --bench backup
+	cargo bench --workspace --bench restore
 
 lint:
 	cargo fmt --all -- --check

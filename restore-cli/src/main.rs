@@ -24,7 +24,6 @@ use pitr_agent::wal::Lsn;
 /// Example: pgrestore --target-time '2026-11-21 14:30:00+00' --pgdata /var/lib/postgresql/data --start
 #[derive(Debug, Parser)]
 #[command(name = "pgrestore", version, about, max_term_width = 100,
-          args_conflicts_with_subcommands = true,
           group(ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 struct Cli {
     #[command(flatten)]
@@ -358,16 +357,21 @@ async fn restore_files(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // One filesystem sync instead of an fsync per file.
-    let synced = std::process::Command::new("sync")
-        .arg("-f")
-        .arg(dir)
-        .status();
-    if !synced.is_ok_and(|s| s.success()) {
-        bail!(
-            "sync -f {} failed; the restored files may not be durable",
-            dir.display()
-        );
+    // With --start, PostgreSQL itself syncs the whole data directory before
+    // recovery begins (the backup's pg_control says it was not shut down
+    // cleanly, so startup runs SyncDataDirectory): a second pass would only
+    // cost time. Otherwise one filesystem sync instead of an fsync per file.
+    if !args.start {
+        let synced = std::process::Command::new("sync")
+            .arg("-f")
+            .arg(dir)
+            .status();
+        if !synced.is_ok_and(|s| s.success()) {
+            bail!(
+                "sync -f {} failed; the restored files may not be durable",
+                dir.display()
+            );
+        }
     }
     Ok(stats)
 }

@@ -163,7 +163,7 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
     let deadline = Instant::now() + cfg.timeout;
     let pid_file = dir.join("postmaster.pid");
     // The postmaster writes its pid file a moment after pg_ctl returns.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         if log.contains("recovery ended before configured recovery target was reached") {
@@ -204,7 +204,7 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
         if Instant::now() > deadline {
             return Err(StartError::Timeout(cfg.timeout));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -456,7 +456,21 @@ fn refusals_leave_the_directory_untouched() {
         &r.data,
         &[],
     );
-    src.backup();
+    let id = src.backup();
+    let mut list = Command::new(pgrestore());
+    RunAs::test_user().apply(&mut list);
+    let out = list
+        .current_dir(std::env::temp_dir())
+        .args(["--repo", &src.repo, "list", "--json"])
+        .output()
+        .expect("pgrestore list");
+    ok(&out, "pgrestore list");
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listing["backups"][0]["id"].as_str(), Some(id.as_str()));
+    assert!(
+        listing["restorable-window"]["start"].is_string(),
+        "{listing}"
+    );
     for id in 2..=4 {
         src.mark(id);
         let _ = src.pg.switch_wal();
