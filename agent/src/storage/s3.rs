@@ -276,16 +276,8 @@ impl S3Store {
     }
 
     pub(super) async fn get_stream(&self, key: &ObjectKey) -> Result<BoxReader, StorageError> {
-        let location = self.location(key);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key.as_str()))
-            .send()
-            .await
-            .map_err(|e| self.classify("download", location, e))?;
-        Ok(Box::new(out.body.into_async_read()))
+        let body = self.get_object(key, None).await?;
+        Ok(Box::new(body.into_async_read()))
     }
 
     pub(super) async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
@@ -342,7 +334,24 @@ impl S3Store {
         key: &ObjectKey,
         range: Option<String>,
     ) -> Result<Bytes, StorageError> {
-        let location = self.location(key);
+        let body = self.get_object(key, range).await?;
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| StorageError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                location: self.location(key),
+                detail: format!("download interrupted: {e}"),
+            })?;
+        Ok(body.into_bytes())
+    }
+
+    /// Starts a download; the body streams from the returned handle.
+    async fn get_object(
+        &self,
+        key: &ObjectKey,
+        range: Option<String>,
+    ) -> Result<ByteStream, StorageError> {
         let out = self
             .client
             .get_object()
@@ -351,17 +360,8 @@ impl S3Store {
             .set_range(range)
             .send()
             .await
-            .map_err(|e| self.classify("download", location.clone(), e))?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StorageError::Unreachable {
-                endpoint: self.endpoint.clone(),
-                location,
-                detail: format!("download interrupted: {e}"),
-            })?;
-        Ok(body.into_bytes())
+            .map_err(|e| self.classify("download", self.location(key), e))?;
+        Ok(out.body)
     }
 
     pub(super) async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StorageError> {

@@ -1,126 +1,16 @@
 //! `pitr-agent backup`, `list`, `verify` and `prune` against a real
 //! PostgreSQL and both repository kinds.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use pitr_tests::bins::{agent_cmd, run_ok};
-use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, Postgres};
-use pitr_tests::s3::{S3Kind, S3Server};
-use pitr_tests::{RunAs, user_tempdir, wait_for};
+use pitr_tests::bins::run_ok;
+use pitr_tests::pg::{PgBin, Postgres};
+use pitr_tests::s3::S3Kind;
+use pitr_tests::{RunAs, wait_for};
 use serde_json::Value;
 
-use super::{archiving_cluster, pg_bin};
-
-/// A cluster archiving into a repository, and how to reach both.
-struct Setup {
-    pg: Postgres,
-    repo: String,
-    /// S3 settings (empty for file://).
-    env: Vec<(String, String)>,
-    /// The repository directory, for file://.
-    dir: Option<PathBuf>,
-    _tmp: Option<tempfile::TempDir>,
-    _server: Option<S3Server>,
-}
-
-impl Setup {
-    fn file(bin: &PgBin) -> Self {
-        let tmp = user_tempdir(RunAs::test_user(), "repo");
-        let dir = tmp.path().join("archive");
-        let repo = format!("file://{}", dir.display());
-        Setup {
-            pg: archiving_cluster(bin, &repo, &[]),
-            repo,
-            env: Vec::new(),
-            dir: Some(dir),
-            _tmp: Some(tmp),
-            _server: None,
-        }
-    }
-
-    fn s3(bin: &PgBin, kind: S3Kind, prefix: &str) -> Option<Self> {
-        let server = super::s3_server(kind)?;
-        let repo = server.url(prefix);
-        let env = server.env();
-        Some(Setup {
-            pg: archiving_cluster(bin, &repo, &env),
-            repo,
-            env,
-            dir: None,
-            _tmp: None,
-            _server: Some(server),
-        })
-    }
-
-    /// `pitr-agent --repo REPO ARGS`, as the test user, with the S3 and libpq settings.
-    fn agent(&self, args: &[&str]) -> Command {
-        let mut cmd = agent_cmd(RunAs::test_user());
-        cmd.envs(self.env.iter().cloned())
-            .envs(self.pg.client_env())
-            .args(["--repo", &self.repo])
-            .args(args);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.agent(args).output().expect("run pitr-agent")
-    }
-
-    fn backup(&self) -> Value {
-        let out = run_ok(&mut self.agent(&["backup", "--json"]), "pitr-agent backup");
-        serde_json::from_slice(&out.stdout).expect("backup --json prints JSON")
-    }
-
-    fn list(&self) -> Value {
-        let out = run_ok(&mut self.agent(&["list", "--json"]), "pitr-agent list");
-        serde_json::from_slice(&out.stdout).expect("list --json prints JSON")
-    }
-
-    fn backup_ids(&self) -> Vec<String> {
-        self.list()["backups"]
-            .as_array()
-            .expect("backups array")
-            .iter()
-            .map(|b| b["id"].as_str().expect("id").to_owned())
-            .collect()
-    }
-
-    /// Copies an object out of the repository: `cp` for file://, boto3 for S3.
-    fn fetch(&self, key: &str, dest: &Path) {
-        if let Some(dir) = &self.dir {
-            std::fs::copy(dir.join(key), dest).expect("copy object");
-            return;
-        }
-        let (bucket, prefix) = self
-            .repo
-            .strip_prefix("s3://")
-            .and_then(|r| r.split_once('/'))
-            .expect("s3://bucket/prefix");
-        let script = "import boto3, os, sys\n\
-            s3 = boto3.client('s3', endpoint_url=os.environ['PITR_S3_ENDPOINT'])\n\
-            s3.download_file(sys.argv[1], sys.argv[2], sys.argv[3])\n";
-        let out = Command::new("python3")
-            .args(["-c", script, bucket, &format!("{prefix}/{key}")])
-            .arg(dest)
-            .envs(self.env.iter().cloned())
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "download {key}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Waits until the archive holds everything written so far.
-    fn archive_now(&self) -> String {
-        let last = self.pg.switch_wal();
-        self.pg.wait_archived(&last, ARCHIVE_TIMEOUT);
-        last
-    }
-}
+use super::{Setup, pg_bin};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use pitr_tests::bins::{agent, pgrestore, run_ok};
-use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
-use pitr_tests::s3::{S3Kind, S3Server};
+use pitr_tests::bins::pgrestore;
+use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin};
+use pitr_tests::s3::S3Kind;
 use pitr_tests::{RunAs, free_port, user_tempdir, wait_for};
 use rand::{Rng, SeedableRng};
 
-use super::pg_bin;
+use super::{Setup, pg_bin};
 
 /// One committed marker row and where it landed.
 #[derive(Debug, Clone)]
@@ -23,47 +23,43 @@ struct Marker {
     lsn_after: String,
 }
 
+/// A cluster with commit timestamps, archiving into a repository, and the
+/// markers committed so far.
 struct Source {
-    pg: Postgres,
-    repo: String,
-    env: Vec<(String, String)>,
+    setup: Setup,
     markers: Vec<Marker>,
-    _tmp: Option<tempfile::TempDir>,
-    _server: Option<S3Server>,
+}
+
+impl std::ops::Deref for Source {
+    type Target = Setup;
+
+    fn deref(&self) -> &Setup {
+        &self.setup
+    }
 }
 
 impl Source {
     fn start(bin: &PgBin, kind: Option<S3Kind>) -> Option<Self> {
-        let (repo, env, tmp, server) = match kind {
-            None => {
-                let tmp = user_tempdir(RunAs::test_user(), "repo");
-                let repo = format!("file://{}/archive", tmp.path().display());
-                (repo, Vec::new(), Some(tmp), None)
-            }
-            Some(kind) => {
-                let server = super::s3_server(kind)?;
-                (server.url("pitr"), server.env(), None, Some(server))
-            }
+        let conf = ["track_commit_timestamp = on"];
+        let setup = match kind {
+            None => Setup::file_with(bin, &conf),
+            Some(kind) => Setup::s3_with(bin, kind, "pitr", &conf)?,
         };
-        let mut pg_env = env.clone();
-        pg_env.push(("PITR_REPO".into(), repo.clone()));
-        let pg = Postgres::start_new(
-            bin,
-            &PgOptions {
-                archive_command: Some(format!("{} wal-push %p", agent().display())),
-                env: pg_env,
-                conf: vec!["track_commit_timestamp = on".into()],
-            },
-        );
-        pg.exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
+        setup
+            .pg
+            .exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
         Some(Source {
-            pg,
-            repo,
-            env,
+            setup,
             markers: Vec::new(),
-            _tmp: tmp,
-            _server: server,
         })
+    }
+
+    /// Takes a backup and returns its id.
+    fn backup_id(&self) -> String {
+        self.setup.backup()["id"]
+            .as_str()
+            .expect("backup --json has an id")
+            .to_owned()
     }
 
     /// Commits marker `id` in its own transaction and records where it landed.
@@ -83,26 +79,6 @@ impl Source {
         });
         // Commit timestamps must differ for time targets between markers.
         std::thread::sleep(Duration::from_millis(15));
-    }
-
-    fn agent(&self, args: &[&str]) -> Command {
-        let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
-        cmd.envs(self.env.iter().cloned())
-            .envs(self.pg.client_env())
-            .args(["--repo", &self.repo])
-            .args(args);
-        cmd
-    }
-
-    fn backup(&self) -> String {
-        let out = run_ok(&mut self.agent(&["backup", "--json"]), "backup");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        v["id"].as_str().expect("id").to_owned()
-    }
-
-    fn archive_now(&self) {
-        let last = self.pg.switch_wal();
-        self.pg.wait_archived(&last, ARCHIVE_TIMEOUT);
     }
 
     /// Midway between the commits of markers `k` and `k + 1` (ids, 1-based).
@@ -227,7 +203,7 @@ fn history(src: &mut Source) -> (String, String) {
     for id in 1..=5 {
         src.mark(id);
     }
-    let b1 = src.backup();
+    let b1 = src.backup_id();
     let mut b2 = String::new();
     for id in 6..=35 {
         src.mark(id);
@@ -237,7 +213,7 @@ fn history(src: &mut Source) -> (String, String) {
             let _ = src.pg.switch_wal();
         }
         if id == 20 {
-            b2 = src.backup();
+            b2 = src.backup_id();
         }
     }
     src.archive_now();
@@ -456,7 +432,7 @@ fn refusals_leave_the_directory_untouched() {
         &r.data,
         &[],
     );
-    let id = src.backup();
+    let id = src.backup_id();
     let mut list = Command::new(pgrestore());
     RunAs::test_user().apply(&mut list);
     let out = list
@@ -535,8 +511,7 @@ fn refusals_leave_the_directory_untouched() {
     );
 
     // A hole in the WAL between the backup and the target.
-    let tmp = src._tmp.as_ref().expect("file repository");
-    let wal = tmp.path().join("archive/wal");
+    let wal = src.dir.as_ref().expect("file repository").join("wal");
     let lsn = &src.marker(3).lsn_after;
     let segment = src.pg.sql(&format!("SELECT pg_walfile_name('{lsn}')"));
     std::fs::remove_file(wal.join(format!("{segment}.gz"))).expect("delete a segment");
