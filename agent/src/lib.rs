@@ -13,7 +13,8 @@
 //! - [`pgdata`]: what is read from a data directory;
 //! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
 //! - [`restore`]: `pgrestore`'s plan, extraction and recovery;
-//! - [`cli`]: the flags and environment both binaries share.
+//! - [`cli`]: the flags and environment both binaries share;
+//! - `daemon` (feature `daemon`): schedules, HTTP, metrics for the sidecar.
 #![warn(missing_docs)]
 
 pub mod archive;
@@ -21,6 +22,8 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod compress;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod pgconn;
 pub mod pgdata;
 pub mod prune;

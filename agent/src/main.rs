@@ -14,6 +14,7 @@ use pitr_agent::catalog::backup::{BackupId, Catalog};
 use pitr_agent::catalog::retention::{RetentionPlan, RetentionPolicy};
 use pitr_agent::cli::{RepoArgs, init_tracing};
 use pitr_agent::compress::DEFAULT_LEVEL;
+use pitr_agent::daemon::{self, DaemonConfig, schedule::Schedule};
 use pitr_agent::pgconn::PgArgs;
 use pitr_agent::verify::{self, VerifyOptions};
 use pitr_agent::wal::WalFileName;
@@ -43,6 +44,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Delete backups and WAL that retention no longer needs.
     Prune(PruneArgs),
+    /// Run as a sidecar: scheduled backup/verify/prune, /healthz /readyz /status /metrics.
+    Daemon(DaemonArgs),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
@@ -152,6 +155,42 @@ struct PruneArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    #[command(flatten)]
+    pg: PgArgs,
+    /// Address for /healthz /readyz /status /metrics (postgres_exporter uses 9187).
+    #[arg(long, env = "PITR_LISTEN", default_value = "0.0.0.0:9188")]
+    listen: std::net::SocketAddr,
+    /// Backup schedule, five-field cron in UTC (or six with seconds); empty disables.
+    #[arg(long, env = "PITR_BACKUP_SCHEDULE", default_value = "0 2 * * *")]
+    backup_schedule: String,
+    /// Verify schedule; empty disables.
+    #[arg(long, env = "PITR_VERIFY_SCHEDULE", default_value = "0 5 * * *")]
+    verify_schedule: String,
+    /// Prune schedule (needs a retention policy); empty disables.
+    #[arg(long, env = "PITR_PRUNE_SCHEDULE", default_value = "")]
+    prune_schedule: String,
+    /// How often figures are re-read from the repository and PostgreSQL.
+    #[arg(long, env = "PITR_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
+    refresh: Duration,
+    /// The data directory, for the .ready backlog [default: none].
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<std::path::PathBuf>,
+    /// Keep the newest N backups (scheduled prune).
+    #[arg(long, env = "PITR_RETAIN_FULL")]
+    retain_full: Option<usize>,
+    /// Keep every point of the last D days restorable (scheduled prune).
+    #[arg(long, env = "PITR_RETAIN_DAYS")]
+    retain_days: Option<u32>,
+    /// Warn in verify when the newest backup is older than this.
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", default_value = "26h", value_parser = humantime::parse_duration)]
+    max_age: Duration,
+    /// Limit scheduled backups' read rate on the server (pg_basebackup --max-rate).
+    #[arg(long, env = "PITR_BACKUP_MAX_RATE")]
+    max_rate: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct ClockArgs {
     /// The time to act as of, RFC 3339 (for tests and what-if runs).
     #[arg(long, env = "PITR_NOW", hide = true, value_parser = humantime::parse_rfc3339_weak)]
@@ -178,10 +217,18 @@ struct WalPrefetchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing("warn");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon serves HTTP while jobs run; one-shot commands need one thread.
+    let runtime = if matches!(cli.command, Command::Daemon(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pitr-agent: error: cannot start the async runtime: {e}");
@@ -342,6 +389,53 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Daemon(args) => {
+            let repo = cli.repo.open().await?;
+            let parse = |text: &str| -> anyhow::Result<Option<Schedule>> {
+                if text.trim().is_empty() {
+                    Ok(None)
+                } else {
+                    Ok(Some(text.parse()?))
+                }
+            };
+            let prune = parse(&args.prune_schedule)?;
+            if prune.is_some() && args.retain_full.is_none() && args.retain_days.is_none() {
+                anyhow::bail!(
+                    "PITR_PRUNE_SCHEDULE is set but no retention policy: set PITR_RETAIN_FULL \
+                     and/or PITR_RETAIN_DAYS"
+                );
+            }
+            let cfg = DaemonConfig {
+                listen: args.listen,
+                backup: parse(&args.backup_schedule)?,
+                verify: parse(&args.verify_schedule)?,
+                prune,
+                refresh: args.refresh,
+                pg: args.pg.resolve(),
+                pgdata: args.pgdata,
+                backup_cfg: BackupConfig {
+                    checkpoint: Checkpoint::Fast,
+                    max_rate: args.max_rate,
+                    level: DEFAULT_LEVEL,
+                    threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                },
+                retention: RetentionPolicy {
+                    retain_full: args.retain_full,
+                    retain_days: args.retain_days,
+                    debris_grace: Duration::from_secs(24 * 3600),
+                },
+                verify_max_age: Some(args.max_age),
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                token.cancel();
+            });
+            daemon::run(repo, cfg, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::WalPrefetch(args) => {
             // Never fail and never panic: the foreground fetch covers any gap,
             // and PostgreSQL may be this orphan's reaper (PID 1 in a container).
@@ -362,6 +456,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,7 @@ mod archiving;
 mod backup;
 mod cli;
 mod conformance;
+mod daemon;
 mod fetch;
 mod restore;
 

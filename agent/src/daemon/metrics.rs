@@ -1,0 +1,236 @@
+//! The daemon's Prometheus metrics and `/status` document.
+//!
+//! Figures come from the repository (a cached catalog) and from PostgreSQL
+//! (`pg_stat_archiver`, `.ready` files), refreshed on an interval, so a
+//! restarted daemon reports the same state. Labels come from small fixed
+//! sets only: never a key or an LSN.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::catalog::backup::Catalog;
+use crate::report;
+
+/// A gauge of seconds or timestamps.
+pub type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// `outcome="ok|err|cancelled"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// The outcome.
+    pub outcome: &'static str,
+}
+
+/// `job="backup|verify|prune"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Job {
+    /// The job.
+    pub job: &'static str,
+}
+
+/// `severity="warning|error"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SeverityLabel {
+    /// The severity.
+    pub severity: &'static str,
+}
+
+/// `kind="backups|wal|debris"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// What was deleted.
+    pub kind: &'static str,
+}
+
+/// Every metric the daemon exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// End of the newest committed backup.
+    pub backup_last_success: FloatGauge,
+    /// When the last backup run failed.
+    pub backup_last_failure: FloatGauge,
+    /// Duration of the newest backup.
+    pub backup_last_duration: FloatGauge,
+    /// Stored size of the newest backup.
+    pub backup_last_size: Gauge,
+    /// Committed backups.
+    pub backups: Gauge,
+    /// Backup runs by outcome.
+    pub backup_runs: Family<Outcome, Counter>,
+    /// Scheduled runs missed because the previous one still ran.
+    pub missed_runs: Family<Job, Counter>,
+    /// When PostgreSQL last archived a segment.
+    pub archive_last_archived: FloatGauge,
+    /// Archive failures seen in `pg_stat_archiver` since the daemon started.
+    pub archive_failures: Counter,
+    /// `.ready` segments waiting.
+    pub archive_ready: Gauge,
+    /// Age of the oldest `.ready` segment.
+    pub archive_lag: FloatGauge,
+    /// Restorable window start.
+    pub window_start: FloatGauge,
+    /// Restorable window end.
+    pub window_end: FloatGauge,
+    /// Stored bytes in the repository.
+    pub repository_bytes: Gauge,
+    /// When verify last ran to completion.
+    pub verify_last_success: FloatGauge,
+    /// Findings of the last verify, by severity.
+    pub verify_findings: Family<SeverityLabel, Gauge>,
+    /// Objects deleted by prune.
+    pub prune_deleted: Family<Kind, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric under the `pitr_` prefix.
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "pitr_backup_last_success_timestamp_seconds",
+            "End time of the newest committed backup",
+            self.backup_last_success.clone(),
+        );
+        r.register(
+            "pitr_backup_last_failure_timestamp_seconds",
+            "When the last backup run failed (0: none since start)",
+            self.backup_last_failure.clone(),
+        );
+        r.register(
+            "pitr_backup_last_duration_seconds",
+            "Duration of the newest committed backup",
+            self.backup_last_duration.clone(),
+        );
+        r.register(
+            "pitr_backup_last_size_bytes",
+            "Stored size of the newest committed backup",
+            self.backup_last_size.clone(),
+        );
+        r.register(
+            "pitr_backups",
+            "Committed backups in the repository",
+            self.backups.clone(),
+        );
+        r.register(
+            "pitr_backup_runs",
+            "Backup runs by outcome",
+            self.backup_runs.clone(),
+        );
+        r.register(
+            "pitr_schedule_missed_runs",
+            "Scheduled runs skipped because the previous run was still going",
+            self.missed_runs.clone(),
+        );
+        r.register(
+            "pitr_archive_last_archived_timestamp_seconds",
+            "When PostgreSQL last archived a WAL file (pg_stat_archiver)",
+            self.archive_last_archived.clone(),
+        );
+        r.register(
+            "pitr_archive_failures",
+            "archive_command failures (pg_stat_archiver.failed_count increases)",
+            self.archive_failures.clone(),
+        );
+        r.register(
+            "pitr_archive_ready_segments",
+            "WAL files waiting to be archived (.ready)",
+            self.archive_ready.clone(),
+        );
+        r.register(
+            "pitr_archive_lag_seconds",
+            "Age of the oldest WAL file waiting to be archived",
+            self.archive_lag.clone(),
+        );
+        r.register(
+            "pitr_restorable_window_start_timestamp_seconds",
+            "Earliest restorable time (end of the oldest backup)",
+            self.window_start.clone(),
+        );
+        r.register(
+            "pitr_restorable_window_end_timestamp_seconds",
+            "Latest restorable time (newest archived WAL)",
+            self.window_end.clone(),
+        );
+        r.register(
+            "pitr_repository_bytes",
+            "Bytes stored in the repository (backups and WAL)",
+            self.repository_bytes.clone(),
+        );
+        r.register(
+            "pitr_verify_last_success_timestamp_seconds",
+            "When verify last ran to completion",
+            self.verify_last_success.clone(),
+        );
+        r.register(
+            "pitr_verify_findings",
+            "Findings of the last verify, by severity",
+            self.verify_findings.clone(),
+        );
+        r.register(
+            "pitr_prune_deleted",
+            "Objects deleted by prune, by kind",
+            self.prune_deleted.clone(),
+        );
+    }
+
+    /// Updates the repository figures from a fresh catalog.
+    pub fn update_from_catalog(&self, catalog: &Catalog) {
+        self.backups
+            .set(i64::try_from(catalog.backups.len()).unwrap_or(i64::MAX));
+        if let Some(newest) = catalog.backups.iter().max_by_key(|b| b.stop_time) {
+            self.backup_last_success.set(epoch(newest.stop_time));
+            self.backup_last_duration
+                .set(newest.duration().as_secs_f64());
+            self.backup_last_size
+                .set(i64::try_from(newest.stored_bytes).unwrap_or(i64::MAX));
+        }
+        if let Some(w) = catalog.restorable_window() {
+            self.window_start.set(epoch(w.start));
+            self.window_end.set(epoch(w.end));
+        }
+        let bytes: u64 = catalog.wal.iter().map(|w| w.meta.size).sum::<u64>()
+            + catalog.backups.iter().map(|b| b.stored_bytes).sum::<u64>();
+        self.repository_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Seconds since the Unix epoch.
+#[must_use]
+pub fn epoch(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Status {
+    /// Backups and the restorable window, as `list --json` shows them.
+    pub repository: Option<serde_json::Value>,
+    /// `pg_stat_archiver.last_archived_wal`.
+    pub last_archived_wal: Option<String>,
+    /// Seconds the oldest `.ready` file has waited.
+    pub archive_lag_seconds: f64,
+    /// `.ready` files.
+    pub ready_segments: u64,
+    /// The last verify: errors and warnings, and when.
+    pub last_verify: Option<serde_json::Value>,
+    /// The last backup run's error, if it failed.
+    pub last_backup_error: Option<String>,
+    /// When the figures were refreshed.
+    pub refreshed_at: Option<String>,
+}
+
+impl Status {
+    /// Fills the repository part from a catalog.
+    pub fn set_catalog(&mut self, catalog: &Catalog, now: SystemTime) {
+        self.repository = serde_json::to_value(report::listing(catalog, now)).ok();
+    }
+}

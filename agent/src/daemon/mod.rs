@@ -1,0 +1,392 @@
+//! `pitr-agent daemon`: the sidecar. Runs backup, verify and prune on cron
+//! schedules (never two at once), refreshes its figures from the repository
+//! and PostgreSQL, and serves `/healthz`, `/readyz`, `/status` and `/metrics`.
+//! SIGTERM stops everything; a backup in flight is abandoned before its
+//! `backup.json`, so it is never listed.
+
+pub mod metrics;
+pub mod schedule;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use chrono::Utc;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::Repo;
+use crate::backup::{BackupConfig, run_backup};
+use crate::catalog::OWNER_KEY;
+use crate::catalog::backup::Catalog;
+use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
+use crate::pgconn::PgTarget;
+use crate::storage::ObjectKey;
+use crate::verify::{Severity, VerifyOptions, verify};
+use metrics::{Job, Kind, Metrics, Outcome, SeverityLabel, Status, epoch};
+use schedule::Schedule;
+
+/// The default port, next to postgres_exporter's 9187.
+pub const DEFAULT_PORT: u16 = 9188;
+
+/// Everything the daemon needs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where to serve HTTP.
+    pub listen: SocketAddr,
+    /// Backup schedule.
+    pub backup: Option<Schedule>,
+    /// Verify schedule.
+    pub verify: Option<Schedule>,
+    /// Prune schedule.
+    pub prune: Option<Schedule>,
+    /// How often figures are refreshed.
+    pub refresh: Duration,
+    /// PostgreSQL.
+    pub pg: PgTarget,
+    /// The data directory, for `.ready` counts (optional).
+    pub pgdata: Option<PathBuf>,
+    /// How backups are taken.
+    pub backup_cfg: BackupConfig,
+    /// Retention for scheduled prunes.
+    pub retention: RetentionPolicy,
+    /// `verify --max-age`.
+    pub verify_max_age: Option<Duration>,
+}
+
+struct Shared {
+    repo: Repo,
+    cfg: DaemonConfig,
+    metrics: Metrics,
+    registry: Registry,
+    status: Mutex<Status>,
+    /// One job at a time.
+    job_lock: tokio::sync::Mutex<()>,
+    last_failed_count: Mutex<Option<i64>>,
+}
+
+/// Runs until `shutdown` is cancelled (SIGTERM).
+///
+/// # Errors
+/// The HTTP port cannot be bound.
+pub async fn run(repo: Repo, cfg: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let shared = Arc::new(Shared {
+        repo,
+        metrics,
+        registry,
+        status: Mutex::new(Status::default()),
+        job_lock: tokio::sync::Mutex::new(()),
+        last_failed_count: Mutex::new(None),
+        cfg,
+    });
+    let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e}; choose another --listen",
+                shared.cfg.listen
+            )
+        })?;
+    tracing::info!(listen = %shared.cfg.listen, "serving /healthz /readyz /status /metrics");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics_text))
+        .with_state(Arc::clone(&shared));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(refresh_loop(Arc::clone(&shared), shutdown.clone()));
+    for (job, schedule) in [
+        ("backup", shared.cfg.backup.clone()),
+        ("verify", shared.cfg.verify.clone()),
+        ("prune", shared.cfg.prune.clone()),
+    ] {
+        if let Some(schedule) = schedule {
+            tracing::info!(job, %schedule, "scheduled");
+            tasks.spawn(schedule_loop(
+                Arc::clone(&shared),
+                job,
+                schedule,
+                shutdown.clone(),
+            ));
+        }
+    }
+    let token = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        refresh(&shared).await;
+        tokio::select! {
+            () = tokio::time::sleep(shared.cfg.refresh) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Re-reads the repository and PostgreSQL into the metrics and status.
+async fn refresh(shared: &Shared) {
+    let now = SystemTime::now();
+    match Catalog::load(&shared.repo.storage).await {
+        Ok(catalog) => {
+            shared.metrics.update_from_catalog(&catalog);
+            lock(&shared.status).set_catalog(&catalog, now);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list the repository"),
+    }
+    match archiver_stats(&shared.cfg.pg).await {
+        Ok((last_wal, last_time, failed)) => {
+            if let Some(t) = last_time {
+                shared.metrics.archive_last_archived.set(t);
+            }
+            let mut prev = lock(&shared.last_failed_count);
+            if let Some(p) = *prev
+                && failed > p
+            {
+                shared
+                    .metrics
+                    .archive_failures
+                    .inc_by(u64::try_from(failed - p).unwrap_or(0));
+            }
+            *prev = Some(failed);
+            lock(&shared.status).last_archived_wal = last_wal;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read pg_stat_archiver"),
+    }
+    if let Some(pgdata) = &shared.cfg.pgdata {
+        let (ready, lag) = ready_backlog(&pgdata.join("pg_wal/archive_status"), now);
+        shared
+            .metrics
+            .archive_ready
+            .set(i64::try_from(ready).unwrap_or(i64::MAX));
+        shared.metrics.archive_lag.set(lag);
+        let mut status = lock(&shared.status);
+        status.ready_segments = ready;
+        status.archive_lag_seconds = lag;
+    }
+    lock(&shared.status).refreshed_at = Some(humantime::format_rfc3339_seconds(now).to_string());
+}
+
+/// `(last_archived_wal, last_archived_time, failed_count)`.
+async fn archiver_stats(pg: &PgTarget) -> anyhow::Result<(Option<String>, Option<f64>, i64)> {
+    let client = pg.connect("pitr-agent daemon").await?;
+    let row = client
+        .query_one(
+            "SELECT last_archived_wal, extract(epoch FROM last_archived_time)::float8, \
+             failed_count FROM pg_stat_archiver",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// `.ready` files and the age of the oldest, from `archive_status`.
+fn ready_backlog(dir: &std::path::Path, now: SystemTime) -> (u64, f64) {
+    let mut count = 0;
+    let mut oldest: Option<SystemTime> = None;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".ready") {
+            count += 1;
+            if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                oldest = Some(oldest.map_or(m, |o| o.min(m)));
+            }
+        }
+    }
+    let lag = oldest
+        .and_then(|o| now.duration_since(o).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    (count, lag)
+}
+
+async fn schedule_loop(
+    shared: Arc<Shared>,
+    job: &'static str,
+    schedule: Schedule,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Some(next) = schedule.next_after(Utc::now()) else {
+            return;
+        };
+        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let guard = tokio::select! {
+            g = shared.job_lock.lock() => g,
+            () = shutdown.cancelled() => return,
+        };
+        tokio::select! {
+            () = run_job(&shared, job) => {}
+            () = shutdown.cancelled() => {
+                tracing::warn!(job, "stopped by SIGTERM; an unfinished backup is never committed");
+                if job == "backup" {
+                    shared.metrics.backup_runs.get_or_create(&Outcome { outcome: "cancelled" }).inc();
+                }
+                return;
+            }
+        }
+        drop(guard);
+        let missed = schedule.missed_between(next, Utc::now());
+        if missed > 0 {
+            tracing::warn!(
+                job,
+                missed,
+                "scheduled runs were missed: the previous run was still going"
+            );
+            shared
+                .metrics
+                .missed_runs
+                .get_or_create(&Job { job })
+                .inc_by(missed);
+        }
+        refresh(&shared).await;
+    }
+}
+
+async fn run_job(shared: &Shared, job: &'static str) {
+    let m = &shared.metrics;
+    match job {
+        "backup" => match run_backup(&shared.repo, &shared.cfg.pg, &shared.cfg.backup_cfg).await {
+            Ok(record) => {
+                tracing::info!(backup_id = %record.id, "scheduled backup committed");
+                m.backup_runs
+                    .get_or_create(&Outcome { outcome: "ok" })
+                    .inc();
+                lock(&shared.status).last_backup_error = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled backup failed");
+                m.backup_runs
+                    .get_or_create(&Outcome { outcome: "err" })
+                    .inc();
+                m.backup_last_failure.set(epoch(SystemTime::now()));
+                lock(&shared.status).last_backup_error = Some(e.to_string());
+            }
+        },
+        "verify" => {
+            let result = async {
+                let catalog = Catalog::load(&shared.repo.storage).await?;
+                let opts = VerifyOptions {
+                    backup: None,
+                    max_age: shared.cfg.verify_max_age,
+                    now: SystemTime::now(),
+                };
+                verify(&shared.repo.storage, &catalog, &opts).await
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    let errors = report
+                        .findings
+                        .iter()
+                        .filter(|f| f.severity == Severity::Error)
+                        .count();
+                    let warnings = report.findings.len() - errors;
+                    for (severity, n) in [("error", errors), ("warning", warnings)] {
+                        m.verify_findings
+                            .get_or_create(&SeverityLabel { severity })
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    m.verify_last_success.set(epoch(SystemTime::now()));
+                    for f in &report.findings {
+                        tracing::warn!(severity = f.severity.as_str(), subject = %f.subject, "{}", f.message);
+                    }
+                    lock(&shared.status).last_verify = serde_json::to_value(&report).ok();
+                }
+                Err(e) => tracing::error!(error = %e, "scheduled verify could not run"),
+            }
+        }
+        _ => {
+            let result = async {
+                let catalog = Catalog::load(&shared.repo.storage).await?;
+                let plan =
+                    RetentionPlan::compute(&catalog, &shared.cfg.retention, SystemTime::now())?;
+                let outcome = crate::prune::apply(&shared.repo.storage, &plan).await?;
+                anyhow::Ok(outcome)
+            }
+            .await;
+            match result {
+                Ok(o) => {
+                    for (kind, n) in [
+                        ("backups", o.backups),
+                        ("wal", o.wal_files),
+                        ("debris", o.debris),
+                    ] {
+                        m.prune_deleted
+                            .get_or_create(&Kind { kind })
+                            .inc_by(n as u64);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "scheduled prune failed"),
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut problems = Vec::new();
+    if let Err(e) = async {
+        let client = shared.cfg.pg.connect("pitr-agent readyz").await?;
+        client.simple_query("SELECT 1").await?;
+        anyhow::Ok(())
+    }
+    .await
+    {
+        problems.push(format!("postgresql: {e:#}"));
+    }
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    if let Err(e) = shared.repo.storage.head(&key).await {
+        problems.push(format!("repository: {e}"));
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let status = lock(&shared.status).clone();
+    axum::Json(status)
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}

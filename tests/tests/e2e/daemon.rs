@@ -1,0 +1,154 @@
+//! `pitr-agent daemon` against a real PostgreSQL: a per-second schedule takes
+//! backups, the HTTP endpoints answer, and SIGTERM during a backup stops the
+//! process in time without listing the unfinished backup.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pitr_tests::{free_port, wait_for};
+
+use super::{Setup, pg_bin};
+
+/// `GET path` over plain HTTP/1.0: the status code and the body.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
+    let mut cmd = setup.agent(&["daemon", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(["--refresh", "1s", "--verify-schedule", ""])
+        .arg("--pgdata")
+        .arg(&setup.pg.data)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("start the daemon");
+    wait_for(
+        "the daemon to answer /healthz",
+        Duration::from_secs(30),
+        || get(port, "/healthz").filter(|(c, _)| *c == 200),
+    );
+    child
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn scheduled_backups_metrics_and_a_clean_sigterm() {
+    let Some(bin) = pg_bin() else { return };
+    let setup = Setup::file(&bin);
+    setup.pg.pgbench(&["-i", "-s", "2", "-q"]);
+    let port = free_port();
+    let mut daemon = start_daemon(&setup, port, &["--backup-schedule", "*/2 * * * * *"]);
+
+    let (code, body) = get(port, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "pitr_backups",
+        "pitr_backup_last_success_timestamp_seconds",
+        "pitr_archive_ready_segments",
+        "pitr_archive_lag_seconds",
+        "pitr_repository_bytes",
+        "pitr_restorable_window_end_timestamp_seconds",
+        "pitr_archive_failures_total",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    let backups = wait_for("a scheduled backup", Duration::from_secs(90), || {
+        let (_, body) = get(port, "/metrics")?;
+        metric(&body, "pitr_backups").filter(|n| *n >= 1.0)
+    });
+    assert!(backups >= 1.0);
+    let (_, body) = get(port, "/metrics").expect("metrics");
+    assert!(
+        metric(&body, "pitr_backup_last_success_timestamp_seconds").is_some_and(|t| t > 1.0e9),
+        "{body}"
+    );
+    assert!(
+        body.contains("pitr_backup_runs_total{outcome=\"ok\"}"),
+        "{body}"
+    );
+    let (code, ready) = get(port, "/readyz").expect("readyz");
+    assert_eq!(code, 200, "{ready}");
+    let (code, status) = get(port, "/status").expect("status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert!(
+        !status["repository"]["backups"]
+            .as_array()
+            .expect("backups")
+            .is_empty(),
+        "{status}"
+    );
+
+    let stopped = Instant::now();
+    sigterm(&daemon);
+    let code = wait_for("the daemon to exit", Duration::from_secs(20), || {
+        daemon.try_wait().ok().flatten()
+    });
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        stopped.elapsed()
+    );
+    assert!(code.success(), "{code:?}");
+}
+
+#[test]
+fn sigterm_during_a_backup_stops_in_time_and_lists_nothing() {
+    let Some(bin) = pg_bin() else { return };
+    let setup = Setup::file(&bin);
+    setup.pg.pgbench(&["-i", "-s", "2", "-q"]);
+    let port = free_port();
+    let daemon = start_daemon(
+        &setup,
+        port,
+        &["--backup-schedule", "* * * * * *", "--max-rate", "1M"],
+    );
+    wait_for("a backup to stream", Duration::from_secs(60), || {
+        (setup
+            .pg
+            .sql("SELECT count(*) FROM pg_stat_progress_basebackup")
+            == "1")
+            .then_some(())
+    });
+    let stopped = Instant::now();
+    sigterm(&daemon);
+    let mut daemon = daemon;
+    wait_for("the daemon to exit", Duration::from_secs(20), || {
+        daemon.try_wait().ok().flatten()
+    });
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        setup.backup_ids().len(),
+        0,
+        "an interrupted backup is never listed"
+    );
+}
