@@ -178,6 +178,25 @@ impl Metrics {
         );
     }
 
+    /// Creates every labelled series at zero, so that dashboards and alerts
+    /// see them before the first event (no series is not the same as 0).
+    pub fn create_label_sets(&self) {
+        for outcome in ["ok", "err", "cancelled"] {
+            let _ = self.backup_runs.get_or_create(&Outcome { outcome });
+        }
+        for job in ["backup", "verify", "prune"] {
+            let _ = self.missed_runs.get_or_create(&Job { job });
+        }
+        for severity in ["error", "warning"] {
+            let _ = self
+                .verify_findings
+                .get_or_create(&SeverityLabel { severity });
+        }
+        for kind in ["backups", "wal", "debris"] {
+            let _ = self.prune_deleted.get_or_create(&Kind { kind });
+        }
+    }
+
     /// Updates the repository figures from a fresh catalog.
     pub fn update_from_catalog(&self, catalog: &Catalog) {
         self.backups

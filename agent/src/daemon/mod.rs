@@ -79,6 +79,7 @@ pub async fn run(repo: Repo, cfg: DaemonConfig, shutdown: CancellationToken) -> 
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    metrics.create_label_sets();
     let shared = Arc::new(Shared {
         repo,
         metrics,

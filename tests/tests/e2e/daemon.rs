@@ -91,6 +91,19 @@ fn scheduled_backups_metrics_and_a_clean_sigterm() {
         body.contains("pitr_backup_runs_total{outcome=\"ok\"}"),
         "{body}"
     );
+
+    // No dead alerts: every metric a rule uses is one the daemon exports.
+    let used = super::monitoring::metrics_used_by_rules();
+    assert!(used.len() >= 5, "{used:?}");
+    for name in used {
+        let exported = body
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")));
+        assert!(
+            exported,
+            "the alert rules use {name}, which the daemon does not export:\n{body}"
+        );
+    }
     let (code, ready) = get(port, "/readyz").expect("readyz");
     assert_eq!(code, 200, "{ready}");
     let (code, status) = get(port, "/status").expect("status");

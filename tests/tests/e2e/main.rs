@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod daemon;
 mod fetch;
+mod monitoring;
 mod restore;
 
 use std::path::{Path, PathBuf};
