@@ -33,6 +33,26 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
     promtool(&["test", "rules", "pitr-alerts.test.yml"]);
 }
 
+#[test]
+fn the_prometheus_rule_carries_exactly_the_rules_file() {
+    let read = |name: &str| -> serde_yaml_ng::Value {
+        let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
+        serde_yaml_ng::from_str(&text).expect("valid YAML")
+    };
+    let plain = read("pitr-alerts.rules.yml");
+    let crd = read("prometheusrule.yaml");
+    assert_eq!(crd["kind"].as_str(), Some("PrometheusRule"));
+    assert_eq!(
+        crd["spec"]["groups"], plain["groups"],
+        "prometheusrule.yaml drifted"
+    );
+    let alerts = plain["groups"][0]["rules"]
+        .as_sequence()
+        .expect("rules")
+        .len();
+    assert!(alerts >= 7, "{alerts} alerts");
+}
+
 /// Every `pitr_*` metric the rules use, for the daemon test to check.
 pub(crate) fn metrics_used_by_rules() -> Vec<String> {
     let text = std::fs::read_to_string(monitoring_dir().join("pitr-alerts.rules.yml"))
