@@ -78,6 +78,24 @@ impl RepoArgs {
         }
         args
     }
+
+    /// The S3 settings as `PITR_S3_*` variables, for child processes that
+    /// read the environment (a restored server's `archive_command`).
+    #[must_use]
+    pub fn s3_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(e) = &self.s3_endpoint {
+            env.push(("PITR_S3_ENDPOINT".to_owned(), e.clone()));
+        }
+        if let Some(r) = &self.s3_region {
+            env.push(("PITR_S3_REGION".to_owned(), r.clone()));
+        }
+        env.push((
+            "PITR_S3_FORCE_PATH_STYLE".to_owned(),
+            self.s3_force_path_style.to_string(),
+        ));
+        env
+    }
 }
 
 /// Log to stderr. `PITR_LOG` takes an `EnvFilter` directive; `PITR_LOG_FORMAT=json`

@@ -172,13 +172,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("read the catalog of {}", repo.url))?;
     let (histories, _) = catalog.histories(&repo.storage).await?;
+    let index = catalog.wal_index(histories);
     let req = PlanRequest {
         target: target.clone(),
         timeline: args.target_timeline,
         backup: args.backup.clone(),
         allow_incomplete: args.allow_incomplete,
     };
-    let plan = RestorePlan::compute(&catalog, &histories, &req)?;
+    let plan = RestorePlan::compute(&catalog, &index, &req)?;
     let action = args.target_action;
     say(&plan_text(&plan, &target, action, &dir));
     if args.dry_run {
@@ -238,7 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let major = plan.backup.pg_version / 10_000;
         let pg_ctl = pg.program("pg_ctl", major)?;
         let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
-        env.extend(s3_env(&cli.repo));
+        env.extend(cli.repo.s3_env());
         let cfg = StartConfig {
             pg_ctl,
             port: args.start_port,
@@ -329,7 +330,12 @@ async fn restore_files(
         .with_context(|| format!("chmod 0700 {}", dir.display()))?;
     let key = plan.backup.id.key(DATA_FILE);
     let reader = repo.storage.get_stream(&key).await?;
-    let total = plan.backup.objects.first().map_or(0, |o| o.bytes);
+    let total = plan
+        .backup
+        .objects
+        .iter()
+        .find(|o| o.name == DATA_FILE)
+        .map_or(0, |o| o.bytes);
     let bar = (!args.quiet && !args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -414,21 +420,6 @@ fn find_agent(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .context(
             "pitr-agent not found beside pgrestore or on PATH; pass --agent /path/to/pitr-agent",
         )
-}
-
-fn s3_env(repo: &RepoArgs) -> Vec<(String, String)> {
-    let mut env = Vec::new();
-    if let Some(e) = &repo.s3_endpoint {
-        env.push(("PITR_S3_ENDPOINT".to_owned(), e.clone()));
-    }
-    if let Some(r) = &repo.s3_region {
-        env.push(("PITR_S3_REGION".to_owned(), r.clone()));
-    }
-    env.push((
-        "PITR_S3_FORCE_PATH_STYLE".to_owned(),
-        repo.s3_force_path_style.to_string(),
-    ));
-    env
 }
 
 /// A word safe inside a single-quoted postgresql.conf value run by `sh -c`.

@@ -17,7 +17,6 @@ use std::process::Stdio;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -137,7 +136,7 @@ struct Captured {
     entries: u64,
 }
 
-const CAPTURE: [&str; 3] = ["backup_label", "backup_manifest", "tablespace_map"];
+const CAPTURE: [&str; 2] = ["backup_label", "backup_manifest"];
 
 impl Captured {
     fn on_event(&mut self, event: Event<'_>) -> Result<(), BackupError> {
@@ -164,14 +163,6 @@ impl Captured {
         }
         Ok(())
     }
-}
-
-/// What the summary line and `--json` report.
-#[derive(Debug, Serialize)]
-pub struct BackupSummary {
-    /// The record as committed.
-    #[serde(flatten)]
-    pub record: BackupRecord,
 }
 
 /// Takes one backup of the cluster at `pg` into `repo`.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::gunzip_verified;
 use crate::storage::{ObjectKey, ObjectMeta, Storage, StorageError};
-use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName};
+use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName, WalIndex};
 
 use super::{WAL_PREFIX, wal_name_of};
 
@@ -267,8 +267,6 @@ pub struct Catalog {
     pub incomplete: Vec<Incomplete>,
     /// Every WAL object, sorted by name.
     pub wal: Vec<WalObject>,
-    /// Objects of committed backups, by id, as listed.
-    pub backup_objects: BTreeMap<BackupId, Vec<ObjectMeta>>,
 }
 
 impl Catalog {
@@ -307,7 +305,6 @@ impl Catalog {
             };
             match serde_json::from_slice::<BackupRecord>(&body) {
                 Ok(record) if record.format <= RECORD_FORMAT && record.id == id => {
-                    catalog.backup_objects.insert(id, objects);
                     catalog.backups.push(record);
                 }
                 Ok(record) if record.id != id => catalog.incomplete.push(Incomplete {
@@ -385,6 +382,13 @@ impl Catalog {
             }
         }
         Ok((histories, broken))
+    }
+
+    /// The archived WAL and `histories`, indexed for continuity questions.
+    #[must_use]
+    pub fn wal_index(&self, histories: HashMap<TimelineId, TimelineHistory>) -> WalIndex {
+        let names: Vec<WalFileName> = self.wal.iter().map(|w| w.name.clone()).collect();
+        WalIndex::new(&names, histories, self.segment_size())
     }
 
     /// The WAL segment size of the repository's backups (the default without any).

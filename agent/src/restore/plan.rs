@@ -2,14 +2,13 @@
 //! which backup, which timeline, which WAL, how many bytes, and every reason
 //! the restore cannot reach the target.
 
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use serde::Serialize;
 
 use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
 use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow};
-use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileName, WalIndex};
+use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName, WalIndex};
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -104,22 +103,20 @@ pub enum PlanError {
 }
 
 impl RestorePlan {
-    /// Plans a restore of `catalog` toward `req`. `histories` are the parsed
-    /// `.history` files of the repository.
+    /// Plans a restore of `catalog` toward `req`; `index` is the catalog's
+    /// [`Catalog::wal_index`].
     ///
     /// # Errors
     /// [`PlanError`] for each reason the target cannot be reached.
     pub fn compute(
         catalog: &Catalog,
-        histories: &HashMap<TimelineId, TimelineHistory>,
+        index: &WalIndex,
         req: &PlanRequest,
     ) -> Result<Self, PlanError> {
         if catalog.backups.is_empty() {
             return Err(PlanError::NoBackups);
         }
-        let seg = catalog.segment_size();
-        let names: Vec<WalFileName> = catalog.wal.iter().map(|w| w.name.clone()).collect();
-        let index = WalIndex::new(&names, histories.clone(), seg);
+        let seg = index.segment_size();
         let candidates: Vec<&BackupRecord> = match &req.backup {
             Some(id) => vec![
                 catalog
@@ -205,11 +202,7 @@ impl RestorePlan {
             RecoveryTarget::Immediate => on_timeline.last().expect("non-empty"),
         };
         let (backup, timeline) = (chosen.0, chosen.1);
-        let target_timeline = match req.timeline {
-            TargetTimeline::Latest => "latest".to_owned(),
-            TargetTimeline::Current => "current".to_owned(),
-            TargetTimeline::Id(t) => t.to_string(),
-        };
+        let target_timeline = req.timeline.to_string();
 
         // The tar holds the WAL up to the backup's end; past that, the archive.
         let last_in_tar = Lsn(backup.stop_lsn.0.saturating_sub(1)).segment(seg);
