@@ -4,10 +4,16 @@
 #   --demo    only what `make demo` needs (a PostgreSQL server)
 #   --bench   also pgBackRest, pigz and gzip for `make bench`
 set -euo pipefail
-mode=test
+mode="test"
 case "${1:-}" in --demo) mode=demo ;; --bench) mode=bench ;; "") ;; *) echo "usage: $0 [--demo|--bench]" >&2; exit 2 ;; esac
 
 apt_pkgs=(postgresql-15 postgresql-contrib)
+# prometheus: promtool (alert unit tests) and the real server the daemon test scrapes with.
+if [ "$mode" != demo ]; then
+  apt_pkgs+=(prometheus)
+  # npm: @grafana/schema and tsc type-check the Grafana dashboard.
+  command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
+fi
 [ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip time)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -40,6 +46,11 @@ if [ "$need_moto" = 1 ]; then
   pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
   # pyenv creates console-script shims (moto_server) only on a rehash.
   if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+fi
+schema_dir="$(dirname "$0")/grafana-schema"
+if [ "$mode" != demo ] && [ ! -x "$schema_dir/node_modules/.bin/tsc" ]; then
+  echo ">> npm ci in .ci/grafana-schema (@grafana/schema + typescript, to type-check the dashboard)" >&2
+  (cd "$schema_dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
 fi
 if [ "$need_s3s" = 1 ]; then
   echo ">> cargo install s3s-fs@0.14.1 (0.15+ needs a newer rustc)" >&2

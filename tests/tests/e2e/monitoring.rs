@@ -53,15 +53,143 @@ fn the_prometheus_rule_carries_exactly_the_rules_file() {
     assert!(alerts >= 7, "{alerts} alerts");
 }
 
-/// Every `pitr_*` metric the rules use, for the daemon test to check.
-pub(crate) fn metrics_used_by_rules() -> Vec<String> {
-    let text = std::fs::read_to_string(monitoring_dir().join("pitr-alerts.rules.yml"))
-        .expect("read the rules");
-    let mut names: Vec<String> = text
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("pitr_"))
-        .map(str::to_owned)
-        .collect();
+/// Grafana's provisioned alert rules are the Prometheus rules: same names,
+/// PromQL, `for`, labels and annotations, and a condition that fires for
+/// every series the expression returns (no data is healthy, as in Prometheus).
+#[test]
+fn the_grafana_alert_rules_match_the_prometheus_rules() {
+    let read = |name: &str| -> serde_yaml_ng::Value {
+        let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
+        serde_yaml_ng::from_str(&text).expect("valid YAML")
+    };
+    let plain = read("pitr-alerts.rules.yml");
+    let grafana = read("grafana/pitr-alert-rules.yaml");
+    assert_eq!(grafana["apiVersion"].as_u64(), Some(1));
+    let prom_rules = plain["groups"][0]["rules"].as_sequence().expect("rules");
+    let graf_rules = grafana["groups"][0]["rules"].as_sequence().expect("rules");
+    assert_eq!(
+        graf_rules.len(),
+        prom_rules.len(),
+        "one Grafana rule per Prometheus alert"
+    );
+    for prom in prom_rules {
+        let name = prom["alert"].as_str().expect("alert name");
+        let graf = graf_rules
+            .iter()
+            .find(|g| g["title"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no Grafana rule titled {name}"));
+        let data = graf["data"].as_sequence().expect("data");
+        let query = data
+            .iter()
+            .find(|d| d["refId"].as_str() == Some("A"))
+            .expect("query A");
+        assert_eq!(
+            query["model"]["expr"], prom["expr"],
+            "{name}: expression drifted"
+        );
+        let condition = graf["condition"].as_str().expect("condition");
+        let cond = data
+            .iter()
+            .find(|d| d["refId"].as_str() == Some(condition))
+            .expect("the condition's query");
+        assert_eq!(cond["datasourceUid"].as_str(), Some("__expr__"), "{name}");
+        assert_eq!(
+            cond["model"]["expression"].as_str(),
+            Some("$A == $A"),
+            "{name}"
+        );
+        assert_eq!(graf["noDataState"].as_str(), Some("OK"), "{name}");
+        let prom_for = prom["for"].as_str().unwrap_or("0s");
+        assert_eq!(
+            graf["for"].as_str(),
+            Some(prom_for),
+            "{name}: `for` drifted"
+        );
+        assert_eq!(graf["labels"], prom["labels"], "{name}: labels drifted");
+        assert_eq!(
+            graf["annotations"], prom["annotations"],
+            "{name}: annotations drifted"
+        );
+    }
+}
+
+fn dashboard() -> serde_json::Value {
+    let text = std::fs::read_to_string(monitoring_dir().join("grafana/pitr-dashboard.json"))
+        .expect("read the dashboard");
+    serde_json::from_str(&text).expect("the dashboard is JSON")
+}
+
+/// The dashboard, as a TypeScript constant of `@grafana/schema`'s
+/// `Dashboard` type, passes `tsc --noEmit`: unknown keys, wrong types and
+/// unknown enum values fail. JSON carries enum values, not TypeScript enum
+/// identities, so `Json<T>` maps string enums to their values.
+#[test]
+fn the_dashboard_type_checks_against_grafana_schema() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ci/grafana-schema");
+    let tsc = dir.join("node_modules/.bin/tsc");
+    if !pitr_tests::prerequisite(
+        tsc.exists() && dir.join("node_modules/@grafana/schema").exists(),
+        "@grafana/schema and typescript (npm ci in .ci/grafana-schema)",
+    ) {
+        return;
+    }
+    let json = serde_json::to_string_pretty(&dashboard()).expect("encode");
+    let source = format!(
+        "import type {{ Dashboard }} from '@grafana/schema';\n\
+         type Json<T> = T extends string ? `${{T}}` : T extends readonly (infer E)[] ? Json<E>[] \
+         : T extends object ? {{ [K in keyof T]: Json<T[K]> }} : T;\n\
+         export const dashboard: Json<Dashboard> = {json};\n"
+    );
+    std::fs::write(dir.join("dashboard-check.gen.ts"), source).expect("write the check");
+    let out = Command::new(&tsc)
+        .args(["-p", "."])
+        .current_dir(&dir)
+        .output()
+        .expect("run tsc");
+    assert!(
+        out.status.success(),
+        "the dashboard does not match @grafana/schema:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let panels = dashboard()["panels"].as_array().expect("panels").len();
+    assert!(panels >= 10, "{panels} panels");
+}
+
+fn pitr_names(text: &str, into: &mut Vec<String>) {
+    into.extend(
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("pitr_"))
+            .map(str::to_owned),
+    );
+}
+
+fn exprs(v: &serde_json::Value, into: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => pitr_names(e, into),
+                    _ => exprs(v, into),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, into)),
+        _ => {}
+    }
+}
+
+/// Every `pitr_*` metric the alert rules (Prometheus and Grafana) and the
+/// dashboard's panels use, for the daemon test to check against /metrics.
+pub(crate) fn metrics_used_by_monitoring() -> Vec<String> {
+    let mut names = Vec::new();
+    for file in ["pitr-alerts.rules.yml", "grafana/pitr-alert-rules.yaml"] {
+        let text = std::fs::read_to_string(monitoring_dir().join(file)).expect("read the rules");
+        pitr_names(&text, &mut names);
+    }
+    let before = names.len();
+    exprs(&dashboard(), &mut names);
+    assert!(names.len() > before, "no pitr_ metric in the dashboard");
     names.sort();
     names.dedup();
     names
