@@ -14,6 +14,7 @@ use pitr_agent::catalog::backup::{BackupId, Catalog};
 use pitr_agent::catalog::retention::{RetentionPlan, RetentionPolicy};
 use pitr_agent::cli::{RepoArgs, init_tracing};
 use pitr_agent::compress::DEFAULT_LEVEL;
+use pitr_agent::daemon::events::EventRecorder;
 use pitr_agent::daemon::{self, DaemonConfig, schedule::Schedule};
 use pitr_agent::pgconn::PgArgs;
 use pitr_agent::verify::{self, VerifyOptions};
@@ -299,9 +300,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 }),
             };
-            let record = backup::run_backup(&repo, &pg, &cfg)
-                .await
-                .with_context(|| format!("backup of {} into {}", pg.describe(), repo.url))?;
+            let events = EventRecorder::from_env().await;
+            let result = backup::run_backup(&repo, &pg, &cfg).await;
+            if let Some(events) = &events {
+                match &result {
+                    Ok(record) => events.backup_committed(record).await,
+                    Err(e) => events.backup_failed(&format!("{e:#}")).await,
+                }
+            }
+            let record =
+                result.with_context(|| format!("backup of {} into {}", pg.describe(), repo.url))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&record)?);
             } else {
@@ -343,9 +351,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_age: args.max_age,
                 now: args.clock.now(),
             };
-            let result = verify::verify(&repo.storage, &catalog, &opts)
-                .await
-                .with_context(|| format!("verify {}", repo.url))?;
+            let events = EventRecorder::from_env().await;
+            let result = verify::verify(&repo.storage, &catalog, &opts).await;
+            if let Some(events) = &events {
+                match &result {
+                    Ok(report) => events.verify_findings(&report.findings).await,
+                    Err(e) => events.verify_failed(&format!("{e:#}")).await,
+                }
+            }
+            let result = result.with_context(|| format!("verify {}", repo.url))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
             } else {

@@ -4,6 +4,7 @@
 //! SIGTERM stops everything; a backup in flight is abandoned before its
 //! `backup.json`, so it is never listed.
 
+pub mod events;
 pub mod metrics;
 pub mod schedule;
 
@@ -29,6 +30,7 @@ use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
 use crate::pgconn::PgTarget;
 use crate::storage::ObjectKey;
 use crate::verify::{Severity, VerifyOptions, verify};
+use events::EventRecorder;
 use metrics::{Job, Kind, Metrics, Outcome, SeverityLabel, Status, epoch};
 use schedule::Schedule;
 
@@ -69,6 +71,8 @@ struct Shared {
     /// One job at a time.
     job_lock: tokio::sync::Mutex<()>,
     last_failed_count: Mutex<Option<i64>>,
+    /// Kubernetes Events on our pod, when running in one.
+    events: Option<EventRecorder>,
 }
 
 /// Runs until `shutdown` is cancelled (SIGTERM).
@@ -87,6 +91,7 @@ pub async fn run(repo: Repo, cfg: DaemonConfig, shutdown: CancellationToken) -> 
         status: Mutex::new(Status::default()),
         job_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
+        events: EventRecorder::from_env().await,
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
@@ -272,6 +277,9 @@ async fn run_job(shared: &Shared, job: &'static str) {
                     .get_or_create(&Outcome { outcome: "ok" })
                     .inc();
                 lock(&shared.status).last_backup_error = None;
+                if let Some(events) = &shared.events {
+                    events.backup_committed(&record).await;
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "scheduled backup failed");
@@ -280,6 +288,9 @@ async fn run_job(shared: &Shared, job: &'static str) {
                     .inc();
                 m.backup_last_failure.set(epoch(SystemTime::now()));
                 lock(&shared.status).last_backup_error = Some(e.to_string());
+                if let Some(events) = &shared.events {
+                    events.backup_failed(&format!("{e:#}")).await;
+                }
             }
         },
         "verify" => {
@@ -311,8 +322,16 @@ async fn run_job(shared: &Shared, job: &'static str) {
                         tracing::warn!(severity = f.severity.as_str(), subject = %f.subject, "{}", f.message);
                     }
                     lock(&shared.status).last_verify = serde_json::to_value(&report).ok();
+                    if let Some(events) = &shared.events {
+                        events.verify_findings(&report.findings).await;
+                    }
                 }
-                Err(e) => tracing::error!(error = %e, "scheduled verify could not run"),
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled verify could not run");
+                    if let Some(events) = &shared.events {
+                        events.verify_failed(&format!("{e:#}")).await;
+                    }
+                }
             }
         }
         _ => {
