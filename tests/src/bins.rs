@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use crate::RunAs;
 
 struct Built {
-    _dir: tempfile::TempDir,
     agent: PathBuf,
     pgrestore: PathBuf,
 }
@@ -56,24 +55,36 @@ fn built() -> &'static Built {
         }
         let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
-        let dir = tempfile::Builder::new()
-            .prefix("pitr-bin-")
-            .tempdir()
-            .expect("temp dir");
+        // One fixed directory per checkout and profile, replaced on every
+        // run: a static is never dropped, so a temp dir here would leak a
+        // copy of the binaries per test process.
+        let dir = std::env::temp_dir().join(format!(
+            "pitr-bin-{:016x}",
+            fnv1a(profile_dir.as_os_str().as_encoded_bytes())
+        ));
+        std::fs::create_dir_all(&dir).expect("binary dir");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod binary dir");
         let user = RunAs::test_user();
         let copy = |name: &str| {
-            let dest = dir.path().join(name);
-            std::fs::copy(profile_dir.join(name), &dest).expect("copy binary");
+            let dest = dir.join(name);
+            // Copy beside, then rename: other test processes may be running it.
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            std::fs::copy(profile_dir.join(name), &tmp).expect("copy binary");
+            user.chown_tree(&tmp);
+            std::fs::rename(&tmp, &dest).expect("rename binary");
             dest
         };
         let agent = copy("pitr-agent");
         let pgrestore = copy("pgrestore");
-        user.chown_tree(dir.path());
-        Built {
-            _dir: dir,
-            agent,
-            pgrestore,
-        }
+        Built { agent, pgrestore }
+    })
+}
+
+/// FNV-1a: a stable name for a path (std's hasher is seeded per process).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 

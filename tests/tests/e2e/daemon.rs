@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pitr_tests::s3::S3Kind;
 use pitr_tests::{free_port, wait_for};
 
 use super::{Setup, pg_bin};
@@ -164,4 +165,174 @@ fn sigterm_during_a_backup_stops_in_time_and_lists_nothing() {
         0,
         "an interrupted backup is never listed"
     );
+}
+
+/// Debian's `prometheus` on 127.0.0.1, scraping the daemon every second
+/// and evaluating `rules` every second.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target_port: u16, rules: &serde_yaml_ng::Value) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("rules.yml"),
+            serde_yaml_ng::to_string(rules).expect("encode rules"),
+        )
+        .expect("write rules");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [rules.yml]\n\
+             scrape_configs:\n  - job_name: pitr-agent\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{target_port}']\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).expect("write config");
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .current_dir(dir.path())
+            .arg("--config.file=prometheus.yml")
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        wait_for("prometheus to be ready", Duration::from_secs(30), || {
+            get(port, "/-/ready").filter(|(c, _)| *c == 200)
+        });
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The names of the alerts in state `firing`.
+    fn firing(&self) -> Vec<String> {
+        let Some((200, body)) = get(self.port, "/api/v1/alerts") else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["state"] == "firing")
+            .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn wait_firing(&self, alert: &str, firing: bool) {
+        let what = format!(
+            "{alert} to be {}",
+            if firing { "firing" } else { "resolved" }
+        );
+        wait_for(&what, Duration::from_secs(60), || {
+            (self.firing().iter().any(|a| a == alert) == firing).then_some(())
+        });
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shipped alert rules with every `for:` removed: the same expressions,
+/// evaluated by a real Prometheus, without waiting minutes for them.
+fn rules_without_for() -> serde_yaml_ng::Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/monitoring/pitr-alerts.rules.yml"),
+    )
+    .expect("read the rules");
+    let mut rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    for group in rules["groups"].as_sequence_mut().expect("groups") {
+        for rule in group["rules"].as_sequence_mut().expect("rules") {
+            rule.as_mapping_mut().expect("rule").remove("for");
+        }
+    }
+    rules
+}
+
+fn stop(mut daemon: Child) {
+    sigterm(&daemon);
+    wait_for("the daemon to exit", Duration::from_secs(20), || {
+        daemon.try_wait().ok().flatten()
+    });
+}
+
+#[test]
+fn prometheus_sees_alerts_fire_and_resolve_and_a_stopped_repository() {
+    let Some(bin) = pg_bin() else { return };
+    if !pitr_tests::prerequisite(
+        pitr_tests::which("prometheus").is_some(),
+        "prometheus (Debian package)",
+    ) {
+        return;
+    }
+    let Some(mut setup) = Setup::s3(&bin, S3Kind::S3sFs, "prometheus") else {
+        return;
+    };
+    setup.pg.pgbench(&["-i", "-s", "1", "-q"]);
+    setup.archive_now();
+    let port = free_port();
+    let prom = Prometheus::start(port, &rules_without_for());
+
+    // No backup yet: the newest backup is "infinitely" old.
+    let daemon = start_daemon(&setup, port, &["--backup-schedule", ""]);
+    prom.wait_firing("PitrBackupTooOld", true);
+    let (_, body) = get(port, "/metrics").expect("metrics");
+    assert_eq!(metric(&body, "pitr_backups"), Some(0.0), "{body}");
+    stop(daemon);
+
+    // A per-second schedule takes a backup, and the alert resolves.
+    let daemon = start_daemon(&setup, port, &["--backup-schedule", "* * * * * *"]);
+    prom.wait_firing("PitrBackupTooOld", false);
+    assert!(
+        !setup.backup_ids().is_empty(),
+        "the alert resolved with no backup"
+    );
+    stop(daemon);
+
+    // The repository goes away: /readyz fails, archiving fails, and both
+    // the metric and the alert move.
+    let daemon = start_daemon(&setup, port, &["--backup-schedule", ""]);
+    let (code, _) = get(port, "/readyz").expect("readyz");
+    assert_eq!(code, 200);
+    let (_, body) = get(port, "/metrics").expect("metrics");
+    let failures_before = metric(&body, "pitr_archive_failures_total").expect("counter");
+    setup.server.as_mut().expect("an S3 server").stop();
+    let (code, text) = wait_for("/readyz to fail", Duration::from_secs(30), || {
+        get(port, "/readyz").filter(|(c, _)| *c != 200)
+    });
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("repository"), "{text}");
+    setup.pg.exec("CREATE TABLE after_stop AS SELECT 1");
+    let _ = setup.pg.switch_wal();
+    wait_for(
+        "pitr_archive_failures_total to rise",
+        Duration::from_secs(60),
+        || {
+            let (_, body) = get(port, "/metrics")?;
+            metric(&body, "pitr_archive_failures_total").filter(|n| *n > failures_before)
+        },
+    );
+    prom.wait_firing("PitrArchivingFailing", true);
+
+    // Back again: archiving catches up and the daemon is ready.
+    setup.server.as_mut().expect("an S3 server").restart();
+    setup.archive_now();
+    wait_for("/readyz to recover", Duration::from_secs(30), || {
+        get(port, "/readyz").filter(|(c, _)| *c == 200)
+    });
+    stop(daemon);
 }

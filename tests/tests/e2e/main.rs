@@ -74,7 +74,7 @@ pub(crate) struct Setup {
     /// The repository directory, for file://.
     pub(crate) dir: Option<PathBuf>,
     pub(crate) _tmp: Option<tempfile::TempDir>,
-    pub(crate) _server: Option<S3Server>,
+    pub(crate) server: Option<S3Server>,
 }
 
 impl Setup {
@@ -93,7 +93,7 @@ impl Setup {
             env: Vec::new(),
             dir: Some(dir),
             _tmp: Some(tmp),
-            _server: None,
+            server: None,
         }
     }
 
@@ -112,7 +112,7 @@ impl Setup {
             env,
             dir: None,
             _tmp: None,
-            _server: Some(server),
+            server: Some(server),
         })
     }
 
