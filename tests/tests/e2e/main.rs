@@ -9,6 +9,8 @@ mod daemon;
 mod fetch;
 mod monitoring;
 mod restore;
+mod seeds;
+mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

