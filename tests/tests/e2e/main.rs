@@ -6,6 +6,7 @@ mod backup;
 mod cli;
 mod conformance;
 mod daemon;
+mod docker;
 mod fetch;
 mod monitoring;
 mod restore;
