@@ -218,3 +218,32 @@ fn the_nginx_configuration_passes_nginx_t() {
         "nginx -t",
     );
 }
+
+/// The Helm path: the chart's post-renderer emits exactly the overlay.
+#[test]
+fn the_helm_post_renderer_emits_the_overlay() {
+    let Some(expected) = render("production") else {
+        return;
+    };
+    let mut child = Command::new("bash")
+        .arg(repo_root().join("manifests/helm/loomworks/post-render.sh"))
+        .arg("production")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run post-render.sh");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"# what helm rendered from the chart\n")
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("post-render.sh");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).expect("UTF-8"), expected);
+    let chart = std::fs::read_to_string(repo_root().join("manifests/helm/loomworks/Chart.yaml"))
+        .expect("Chart.yaml");
+    let chart: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chart).expect("YAML");
+    assert_eq!(chart["apiVersion"].as_str(), Some("v2"));
+}

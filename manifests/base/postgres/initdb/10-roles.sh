@@ -8,5 +8,13 @@ psql -v ON_ERROR_STOP=1 --username postgres --dbname postgres \
   --set=role="$ODOO_DB_USER" --set=password="$ODOO_DB_PASSWORD" <<'SQL'
 SELECT format('CREATE ROLE %I LOGIN CREATEDB PASSWORD %L', :'role', :'password') \gexec
 SQL
+if [ -n "${KEYCLOAK_DB_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 --username postgres --dbname postgres \
+    --set=password="$KEYCLOAK_DB_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE keycloak LOGIN PASSWORD %L', :'password') \gexec
+CREATE DATABASE keycloak OWNER keycloak;
+SQL
+  echo "initdb: role and database keycloak created"
+fi
 echo "host replication postgres all scram-sha-256" >> "$PGDATA/pg_hba.conf"
 echo "initdb: role $ODOO_DB_USER created; replication for the backup job allowed with a password"
