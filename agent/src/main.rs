@@ -303,10 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let events = EventRecorder::from_env().await;
             let result = backup::run_backup(&repo, &pg, &cfg).await;
             if let Some(events) = &events {
-                match &result {
-                    Ok(record) => events.backup_committed(record).await,
-                    Err(e) => events.backup_failed(&format!("{e:#}")).await,
-                }
+                events.backup_outcome(&result).await;
             }
             let record =
                 result.with_context(|| format!("backup of {} into {}", pg.describe(), repo.url))?;
@@ -354,10 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let events = EventRecorder::from_env().await;
             let result = verify::verify(&repo.storage, &catalog, &opts).await;
             if let Some(events) = &events {
-                match &result {
-                    Ok(report) => events.verify_findings(&report.findings).await,
-                    Err(e) => events.verify_failed(&format!("{e:#}")).await,
-                }
+                events.verify_outcome(&result).await;
             }
             let result = result.with_context(|| format!("verify {}", repo.url))?;
             if args.json {

@@ -15,7 +15,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 
 use crate::catalog::backup::BackupRecord;
-use crate::verify::Finding;
+use crate::verify::VerifyReport;
 
 /// `reportingController`: who wrote the Event.
 pub const CONTROLLER: &str = "pitr-agent.dev/daemon";
@@ -186,31 +186,48 @@ impl EventRecorder {
 
 /// The reports the daemon and the one-shot commands share.
 impl EventRecorder {
-    /// `BackupSucceeded`.
-    pub async fn backup_committed(&self, record: &BackupRecord) {
-        let note = format!(
-            "backup {} committed: {} stored ({} raw) in {}, WAL {}..{}",
-            record.id,
-            crate::report::bytes(record.stored_bytes),
-            crate::report::bytes(record.raw_bytes),
-            crate::report::age(record.duration()),
-            record.first_wal,
-            record.last_wal,
-        );
-        self.record(EventType::Normal, "BackupSucceeded", "Backup", &note)
-            .await;
-    }
-
-    /// `BackupFailed`.
-    pub async fn backup_failed(&self, error: &str) {
-        let note = format!("backup failed: {error}");
-        self.record(EventType::Warning, "BackupFailed", "Backup", &note)
-            .await;
+    /// `BackupSucceeded` or `BackupFailed`.
+    pub async fn backup_outcome<E: std::fmt::Display + Sync>(
+        &self,
+        result: &Result<BackupRecord, E>,
+    ) {
+        match result {
+            Ok(record) => {
+                let note = format!(
+                    "backup {} committed: {} stored ({} raw) in {}, WAL {}..{}",
+                    record.id,
+                    crate::report::bytes(record.stored_bytes),
+                    crate::report::bytes(record.raw_bytes),
+                    crate::report::age(record.duration()),
+                    record.first_wal,
+                    record.last_wal,
+                );
+                self.record(EventType::Normal, "BackupSucceeded", "Backup", &note)
+                    .await;
+            }
+            Err(e) => {
+                let note = format!("backup failed: {e:#}");
+                self.record(EventType::Warning, "BackupFailed", "Backup", &note)
+                    .await;
+            }
+        }
     }
 
     /// One `VerifyFinding` per finding, at most [`MAX_FINDING_EVENTS`] and a
-    /// count of the rest.
-    pub async fn verify_findings(&self, findings: &[Finding]) {
+    /// count of the rest; `VerifyFailed` when verify could not run at all.
+    pub async fn verify_outcome<E: std::fmt::Display + Sync>(
+        &self,
+        result: &Result<VerifyReport, E>,
+    ) {
+        let findings = match result {
+            Ok(report) => &report.findings,
+            Err(e) => {
+                let note = format!("verify could not run: {e:#}");
+                self.record(EventType::Warning, "VerifyFailed", "Verify", &note)
+                    .await;
+                return;
+            }
+        };
         for f in findings.iter().take(MAX_FINDING_EVENTS) {
             let note = format!("{} {}: {}", f.severity.as_str(), f.subject, f.message);
             self.record(EventType::Warning, "VerifyFinding", "Verify", &note)
@@ -224,13 +241,6 @@ impl EventRecorder {
             self.record(EventType::Warning, "VerifyFinding", "Verify", &note)
                 .await;
         }
-    }
-
-    /// `VerifyFailed`: verify could not run at all.
-    pub async fn verify_failed(&self, error: &str) {
-        let note = format!("verify could not run: {error}");
-        self.record(EventType::Warning, "VerifyFailed", "Verify", &note)
-            .await;
     }
 }
 

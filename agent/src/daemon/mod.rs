@@ -270,29 +270,29 @@ async fn schedule_loop(
 async fn run_job(shared: &Shared, job: &'static str) {
     let m = &shared.metrics;
     match job {
-        "backup" => match run_backup(&shared.repo, &shared.cfg.pg, &shared.cfg.backup_cfg).await {
-            Ok(record) => {
-                tracing::info!(backup_id = %record.id, "scheduled backup committed");
-                m.backup_runs
-                    .get_or_create(&Outcome { outcome: "ok" })
-                    .inc();
-                lock(&shared.status).last_backup_error = None;
-                if let Some(events) = &shared.events {
-                    events.backup_committed(&record).await;
+        "backup" => {
+            let result = run_backup(&shared.repo, &shared.cfg.pg, &shared.cfg.backup_cfg).await;
+            match &result {
+                Ok(record) => {
+                    tracing::info!(backup_id = %record.id, "scheduled backup committed");
+                    m.backup_runs
+                        .get_or_create(&Outcome { outcome: "ok" })
+                        .inc();
+                    lock(&shared.status).last_backup_error = None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled backup failed");
+                    m.backup_runs
+                        .get_or_create(&Outcome { outcome: "err" })
+                        .inc();
+                    m.backup_last_failure.set(epoch(SystemTime::now()));
+                    lock(&shared.status).last_backup_error = Some(e.to_string());
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "scheduled backup failed");
-                m.backup_runs
-                    .get_or_create(&Outcome { outcome: "err" })
-                    .inc();
-                m.backup_last_failure.set(epoch(SystemTime::now()));
-                lock(&shared.status).last_backup_error = Some(e.to_string());
-                if let Some(events) = &shared.events {
-                    events.backup_failed(&format!("{e:#}")).await;
-                }
+            if let Some(events) = &shared.events {
+                events.backup_outcome(&result).await;
             }
-        },
+        }
         "verify" => {
             let result = async {
                 let catalog = Catalog::load(&shared.repo.storage).await?;
@@ -304,7 +304,7 @@ async fn run_job(shared: &Shared, job: &'static str) {
                 verify(&shared.repo.storage, &catalog, &opts).await
             }
             .await;
-            match result {
+            match &result {
                 Ok(report) => {
                     let errors = report
                         .findings
@@ -321,17 +321,12 @@ async fn run_job(shared: &Shared, job: &'static str) {
                     for f in &report.findings {
                         tracing::warn!(severity = f.severity.as_str(), subject = %f.subject, "{}", f.message);
                     }
-                    lock(&shared.status).last_verify = serde_json::to_value(&report).ok();
-                    if let Some(events) = &shared.events {
-                        events.verify_findings(&report.findings).await;
-                    }
+                    lock(&shared.status).last_verify = serde_json::to_value(report).ok();
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "scheduled verify could not run");
-                    if let Some(events) = &shared.events {
-                        events.verify_failed(&format!("{e:#}")).await;
-                    }
-                }
+                Err(e) => tracing::error!(error = %e, "scheduled verify could not run"),
+            }
+            if let Some(events) = &shared.events {
+                events.verify_outcome(&result).await;
             }
         }
         _ => {
