@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use sha2::Digest as _;
+
 use crate::RunAs;
 
 struct Built {
@@ -58,10 +60,8 @@ fn built() -> &'static Built {
         // One fixed directory per checkout and profile, replaced on every
         // run: a static is never dropped, so a temp dir here would leak a
         // copy of the binaries per test process.
-        let dir = std::env::temp_dir().join(format!(
-            "pitr-bin-{:016x}",
-            fnv1a(profile_dir.as_os_str().as_encoded_bytes())
-        ));
+        let digest = sha2::Sha256::digest(profile_dir.as_os_str().as_encoded_bytes());
+        let dir = std::env::temp_dir().join(format!("pitr-bin-{}", hex::encode(&digest[..8])));
         std::fs::create_dir_all(&dir).expect("binary dir");
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod binary dir");
@@ -78,13 +78,6 @@ fn built() -> &'static Built {
         let agent = copy("pitr-agent");
         let pgrestore = copy("pgrestore");
         Built { agent, pgrestore }
-    })
-}
-
-/// FNV-1a: a stable name for a path (std's hasher is seeded per process).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 

@@ -249,12 +249,7 @@ impl Drop for Prometheus {
 /// The shipped alert rules with every `for:` removed: the same expressions,
 /// evaluated by a real Prometheus, without waiting minutes for them.
 fn rules_without_for() -> serde_yaml_ng::Value {
-    let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../manifests/monitoring/pitr-alerts.rules.yml"),
-    )
-    .expect("read the rules");
-    let mut rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    let mut rules = super::monitoring::yaml("pitr-alerts.rules.yml");
     for group in rules["groups"].as_sequence_mut().expect("groups") {
         for rule in group["rules"].as_sequence_mut().expect("rules") {
             rule.as_mapping_mut().expect("rule").remove("for");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pitr_tests::{free_port, prerequisite, wait_for, which};
 
 use super::pg_bin;
-use super::stack::repo_root;
+use super::stack::{nginx_prefix, repo_root};
 
 /// A stand-in for Odoo: logs its arguments, "updates" and exits with
 /// --stop-after-init, otherwise serves until SIGTERM, then finishes its
@@ -362,29 +362,7 @@ fn nginx_routes_by_host_upgrades_websockets_and_refuses_large_uploads() {
         conf.contains(&format!("127.0.0.1:{ws_port}")),
         "the test's rewrite no longer matches nginx.conf"
     );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("write");
-    std::fs::copy("/etc/nginx/mime.types", dir.path().join("mime.types")).expect("mime.types");
-    std::fs::create_dir(dir.path().join("certs")).expect("certs");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-        ])
-        .arg(dir.path().join("certs/tls.key"))
-        .arg("-out")
-        .arg(dir.path().join("certs/tls.crt"))
-        .output()
-        .expect("openssl");
-    assert!(ok.status.success());
+    let conf_path = nginx_prefix(dir.path(), &conf);
     let _nginx = Nginx(
         Command::new("nginx")
             .args(["-g", "daemon off;", "-p"])

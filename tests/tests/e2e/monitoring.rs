@@ -7,7 +7,13 @@ use std::process::Command;
 use pitr_tests::which;
 
 fn monitoring_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/monitoring")
+    super::stack::repo_root().join("manifests/monitoring")
+}
+
+/// A YAML file under manifests/monitoring.
+pub(crate) fn yaml(name: &str) -> serde_yaml_ng::Value {
+    let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
+    serde_yaml_ng::from_str(&text).expect("valid YAML")
 }
 
 fn promtool(args: &[&str]) {
@@ -35,12 +41,8 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
 
 #[test]
 fn the_prometheus_rule_carries_exactly_the_rules_file() {
-    let read = |name: &str| -> serde_yaml_ng::Value {
-        let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
-        serde_yaml_ng::from_str(&text).expect("valid YAML")
-    };
-    let plain = read("pitr-alerts.rules.yml");
-    let crd = read("prometheusrule.yaml");
+    let plain = yaml("pitr-alerts.rules.yml");
+    let crd = yaml("prometheusrule.yaml");
     assert_eq!(crd["kind"].as_str(), Some("PrometheusRule"));
     assert_eq!(
         crd["spec"]["groups"], plain["groups"],
@@ -58,12 +60,8 @@ fn the_prometheus_rule_carries_exactly_the_rules_file() {
 /// every series the expression returns (no data is healthy, as in Prometheus).
 #[test]
 fn the_grafana_alert_rules_match_the_prometheus_rules() {
-    let read = |name: &str| -> serde_yaml_ng::Value {
-        let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
-        serde_yaml_ng::from_str(&text).expect("valid YAML")
-    };
-    let plain = read("pitr-alerts.rules.yml");
-    let grafana = read("grafana/pitr-alert-rules.yaml");
+    let plain = yaml("pitr-alerts.rules.yml");
+    let grafana = yaml("grafana/pitr-alert-rules.yaml");
     assert_eq!(grafana["apiVersion"].as_u64(), Some(1));
     let prom_rules = plain["groups"][0]["rules"].as_sequence().expect("rules");
     let graf_rules = grafana["groups"][0]["rules"].as_sequence().expect("rules");
@@ -125,7 +123,7 @@ fn dashboard() -> serde_json::Value {
 /// identities, so `Json<T>` maps string enums to their values.
 #[test]
 fn the_dashboard_type_checks_against_grafana_schema() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ci/grafana-schema");
+    let dir = super::stack::repo_root().join(".ci/grafana-schema");
     let tsc = dir.join("node_modules/.bin/tsc");
     if !pitr_tests::prerequisite(
         tsc.exists() && dir.join("node_modules/@grafana/schema").exists(),

@@ -81,6 +81,18 @@ fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
+fn container_ports(c: &Container) -> Vec<i32> {
+    c.ports.iter().flatten().map(|p| p.container_port).collect()
+}
+
+fn service_ports(s: &Service) -> Vec<i32> {
+    s.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.port)
+        .collect()
+}
+
 fn quantity(c: &Container, which: &str, resource: &str) -> String {
     let r = c.resources.as_ref().expect("resources");
     let map = if which == "limits" {
@@ -246,22 +258,12 @@ fn seed_000_kubernetes_infrastructure() {
             .map(String::as_str),
         Some("daemon")
     );
-    let agent_ports: Vec<i32> = agent
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.container_port)
-        .collect();
+    let agent_ports = container_ports(agent);
     assert_eq!(agent_ports, [9188], "the agent's metrics port");
 
     // Monitoring: postgres_exporter on 9187, ServiceMonitor and PodMonitor.
     let exporter = container(pod, "postgres-exporter");
-    let ports: Vec<i32> = exporter
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.container_port)
-        .collect();
+    let ports = container_ports(exporter);
     assert_eq!(ports, [9187], "postgres_exporter on 9187");
     let sm = p.raw("ServiceMonitor", "postgres");
     assert_eq!(
@@ -315,12 +317,7 @@ fn seed_000_kubernetes_infrastructure() {
             .starts_with("/web/health"),
         "readiness on /web/health"
     );
-    let oports: Vec<i32> = oc
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.container_port)
-        .collect();
+    let oports = container_ports(oc);
     assert_eq!(oports, [8069, 8072]);
 
     // Shared filestore: ReadWriteMany, mounted by every replica.
@@ -403,7 +400,7 @@ fn seed_000_kubernetes_infrastructure() {
     let osvc: Service = p.get("Service", "odoo");
     let ss = osvc.spec.as_ref().expect("spec");
     assert_eq!(ss.type_.as_deref(), Some("ClusterIP"));
-    let sports: Vec<i32> = ss.ports.iter().flatten().map(|p| p.port).collect();
+    let sports = service_ports(&osvc);
     assert_eq!(sports, [8069, 8072], "HTTP and longpolling");
 
     // Ingress: wildcard host, TLS by cert-manager, websocket/longpolling to 8072, 100m bodies.
@@ -741,14 +738,7 @@ fn seed_001_keycloak_rbac_and_sizing() {
         "Keycloak health checks"
     );
     let svc: Service = p.get("Service", "keycloak");
-    assert_eq!(
-        svc.spec
-            .iter()
-            .flat_map(|s| s.ports.iter().flatten())
-            .map(|p| p.port)
-            .collect::<Vec<_>>(),
-        [8080]
-    );
+    assert_eq!(service_ports(&svc), [8080]);
     let ing: Ingress = p.get("Ingress", "keycloak");
     let host = ing
         .spec
@@ -868,12 +858,7 @@ fn seed_002_namespace_per_instance() {
         .and_then(|e| e.value.clone());
     assert_eq!(workers.as_deref(), Some("4"), "pro tier workers");
     let svc: Service = t.get("Service", "odoo");
-    let ports: Vec<i32> = svc
-        .spec
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .map(|p| p.port)
-        .collect();
+    let ports = service_ports(&svc);
     assert_eq!(ports, [8069, 8072]);
     let waking: Service = t.get("Service", "waking-service");
     assert_eq!(

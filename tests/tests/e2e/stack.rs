@@ -193,21 +193,9 @@ fn the_nginx_configuration_passes_nginx_t() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let conf = dir.path().join("nginx.conf");
-    std::fs::copy(repo_root().join("docker/nginx/nginx.conf"), &conf).expect("copy");
-    std::fs::copy("/etc/nginx/mime.types", dir.path().join("mime.types")).expect("mime.types");
-    std::fs::create_dir(dir.path().join("certs")).expect("certs");
-    run(
-        Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=localhost", "-keyout"])
-            .arg(dir.path().join("certs/tls.key"))
-            .arg("-out")
-            .arg(dir.path().join("certs/tls.crt")),
-        "openssl req",
-    );
+    let shipped =
+        std::fs::read_to_string(repo_root().join("docker/nginx/nginx.conf")).expect("nginx.conf");
+    let conf = nginx_prefix(dir.path(), &shipped);
     run(
         Command::new("nginx")
             .arg("-t")
@@ -217,6 +205,28 @@ fn the_nginx_configuration_passes_nginx_t() {
             .arg(&conf),
         "nginx -t",
     );
+}
+
+/// Lays out an nginx prefix in `dir` as the image has it: `conf` as
+/// nginx.conf, Debian's mime.types, and a throwaway certificate in certs/.
+/// Returns the path of nginx.conf.
+pub(crate) fn nginx_prefix(dir: &Path, conf: &str) -> PathBuf {
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    std::fs::copy("/etc/nginx/mime.types", dir.join("mime.types")).expect("mime.types");
+    std::fs::create_dir(dir.join("certs")).expect("certs");
+    run(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(dir.join("certs/tls.key"))
+            .arg("-out")
+            .arg(dir.join("certs/tls.crt")),
+        "openssl req",
+    );
+    path
 }
 
 /// The Helm path: the chart's post-renderer emits exactly the overlay.
