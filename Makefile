@@ -7,7 +7,7 @@
 # PostgreSQL majors besides Debian's 15 that the end-to-end tests run on.
 EXTRA_PG_MAJORS ?= 17
 
-.PHONY: demo test test-unit test-e2e bench lint deps
+.PHONY: demo test test-repeat test-unit test-e2e bench lint deps
 
 demo:
 	.ci/install-deps.sh --demo
@@ -24,6 +24,16 @@ test: deps
 		echo "== end-to-end archiving, backup and restore tests on PostgreSQL $$major ($$bin)"; \
 		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: restore:: || exit 1; \
 	done
+
+# make test-repeat [N=3]: the end-to-end suite N times in a row, stopping at
+# the first failure. Run it with a CPU hog beside it before resolving an issue
+# that touches the e2e suite, e.g. `stress-ng --cpu 2 & make test-repeat N=3`.
+N ?= 3
+test-repeat: deps
+	@for i in $$(seq 1 $(N)); do \
+		echo "== end-to-end run $$i of $(N)"; \
+		cargo test --workspace --test e2e --locked || { echo "== end-to-end run $$i of $(N) FAILED"; exit 1; }; \
+	done; echo "== $(N) of $(N) end-to-end runs passed"
 
 bench:
 	.ci/install-deps.sh --bench

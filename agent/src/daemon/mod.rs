@@ -73,6 +73,10 @@ struct Shared {
     last_failed_count: Mutex<Option<i64>>,
     /// Kubernetes Events on our pod, when running in one.
     events: Option<EventRecorder>,
+    /// Set once the first refresh has read the repository. Until then the
+    /// gauges hold zeros that mean "not read yet", not "no backup", so
+    /// `/metrics` answers 503 and Prometheus keeps the last real samples.
+    refreshed: std::sync::atomic::AtomicBool,
 }
 
 /// Runs until `shutdown` is cancelled (SIGTERM).
@@ -92,6 +96,7 @@ pub async fn run(repo: Repo, cfg: DaemonConfig, shutdown: CancellationToken) -> 
         job_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
         events: EventRecorder::from_env().await,
+        refreshed: std::sync::atomic::AtomicBool::new(false),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
@@ -187,6 +192,9 @@ async fn refresh(shared: &Shared) {
         status.archive_lag_seconds = lag;
     }
     lock(&shared.status).refreshed_at = Some(humantime::format_rfc3339_seconds(now).to_string());
+    shared
+        .refreshed
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// `(last_archived_wal, last_archived_time, failed_count)`.
@@ -388,6 +396,13 @@ async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if !shared.refreshed.load(std::sync::atomic::Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "starting: the repository has not been read yet\n".to_owned(),
+        );
+    }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
         Ok(()) => (

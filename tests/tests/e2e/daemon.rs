@@ -46,6 +46,12 @@ fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
         Duration::from_secs(30),
         || get(port, "/healthz").filter(|(c, _)| *c == 200),
     );
+    // /metrics answers 503 until the first refresh has read the repository.
+    wait_for(
+        "the daemon to serve /metrics",
+        Duration::from_secs(30),
+        || get(port, "/metrics").filter(|(c, _)| *c == 200),
+    );
     child
 }
 
@@ -213,19 +219,21 @@ impl Prometheus {
         }
     }
 
-    /// The names of the alerts in state `firing`.
-    fn firing(&self) -> Vec<String> {
+    /// The names of the alerts in state `firing`; `None` if Prometheus did
+    /// not answer.
+    fn firing(&self) -> Option<Vec<String>> {
         let Some((200, body)) = get(self.port, "/api/v1/alerts") else {
-            return Vec::new();
+            return None;
         };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["data"]["alerts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a["state"] == "firing")
-            .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
-            .collect()
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let alerts = v["data"]["alerts"].as_array()?;
+        Some(
+            alerts
+                .iter()
+                .filter(|a| a["state"] == "firing")
+                .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
+                .collect(),
+        )
     }
 
     fn wait_firing(&self, alert: &str, firing: bool) {
@@ -234,7 +242,8 @@ impl Prometheus {
             if firing { "firing" } else { "resolved" }
         );
         wait_for(&what, Duration::from_secs(60), || {
-            (self.firing().iter().any(|a| a == alert) == firing).then_some(())
+            let now = self.firing()?;
+            (now.iter().any(|a| a == alert) == firing).then_some(())
         });
     }
 }
@@ -289,13 +298,41 @@ fn prometheus_sees_alerts_fire_and_resolve_and_a_stopped_repository() {
     assert_eq!(metric(&body, "pitr_backups"), Some(0.0), "{body}");
     stop(daemon);
 
-    // A per-second schedule takes a backup, and the alert resolves.
+    // A per-second schedule takes a backup, and the alert resolves; but
+    // only after it: while the daemon restarts, Prometheus sees the target
+    // down or the series absent, and that must not read as a fresh backup.
     let daemon = start_daemon(&setup, port, &["--backup-schedule", "* * * * * *"]);
-    prom.wait_firing("PitrBackupTooOld", false);
-    assert!(
-        !setup.backup_ids().is_empty(),
-        "the alert resolved with no backup"
+    wait_for(
+        "a backup listed in the repository",
+        Duration::from_secs(90),
+        || {
+            // Alerts first, then the listing: a backup committed in between
+            // only makes the check weaker, never wrong.
+            let firing = prom.firing();
+            let listed = !setup.backup_ids().is_empty();
+            if let Some(firing) = firing
+                && !listed
+            {
+                assert!(
+                    firing.iter().any(|a| a == "PitrBackupTooOld"),
+                    "PitrBackupTooOld resolved before any backup was committed"
+                );
+            }
+            listed.then_some(())
+        },
     );
+    wait_for(
+        "the daemon's metrics to show the backup",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = get(port, "/metrics")?;
+            let ok = metric(&body, "pitr_backups").is_some_and(|n| n >= 1.0)
+                && metric(&body, "pitr_backup_last_success_timestamp_seconds")
+                    .is_some_and(|t| t > 1.0e9);
+            ok.then_some(())
+        },
+    );
+    prom.wait_firing("PitrBackupTooOld", false);
     stop(daemon);
 
     // The repository goes away: /readyz fails, archiving fails, and both
