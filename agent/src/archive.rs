@@ -41,20 +41,20 @@ pub const SPOOL_DIR_NAME: &str = "pitr_spool";
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     /// The file name is not a WAL file name.
-    #[error("{path}: {source}")]
+    #[error("{cause}")]
     NotWalFile {
         /// The path given.
         path: String,
         /// Why.
-        source: wal::WalNameError,
+        cause: wal::WalNameError,
     },
     /// The WAL file to push cannot be read.
-    #[error("cannot read {path}: {source}; {hint}")]
+    #[error("cannot read {path}: {cause}; {hint}")]
     ReadSource {
         /// The path.
         path: String,
         /// Why.
-        source: io::Error,
+        cause: io::Error,
         /// What to check.
         hint: &'static str,
     },
@@ -73,14 +73,14 @@ pub enum ArchiveError {
     },
     /// `global/pg_control` cannot be read.
     #[error(
-        "cannot read the cluster identity from {path}: {source}; run wal-push from the data \
+        "cannot read the cluster identity from {path}: {cause}; run wal-push from the data \
          directory (as archive_command does) or set --pgdata / PGDATA"
     )]
     PgControl {
         /// The pg_control path.
         path: String,
         /// Why.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A segment that was written by another cluster.
     #[error(
@@ -125,21 +125,21 @@ pub enum ArchiveError {
     },
     /// A stored object does not decompress to what was stored.
     #[error(
-        "{location}: {source}; the stored copy is damaged: restore it from another copy or take a new base backup"
+        "{location}: {cause}; the stored copy is damaged: restore it from another copy or take a new base backup"
     )]
     Corrupt {
         /// The object.
         location: String,
         /// What is wrong.
-        source: GzipError,
+        cause: GzipError,
     },
     /// The destination cannot be written.
-    #[error("cannot write {path}: {source}; {hint}")]
+    #[error("cannot write {path}: {cause}; {hint}")]
     WriteDest {
         /// The path.
         path: String,
         /// Why.
-        source: io::Error,
+        cause: io::Error,
         /// What to do.
         hint: &'static str,
     },
@@ -153,6 +153,66 @@ impl ArchiveError {
     #[must_use]
     pub fn is_not_in_repository(&self) -> bool {
         matches!(self, ArchiveError::NotInRepository { .. })
+    }
+
+    /// Whether the same call may succeed later: the store timed out, dropped
+    /// the connection or answered 5xx. Corrupt objects, refused credentials
+    /// and full disks are not transient.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ArchiveError::Storage(e) | ArchiveError::Owner(OwnerError::Storage(e)) => {
+                !e.is_permanent()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `wal-fetch`'s exit status when the repository answered that the file does
+/// not exist: PostgreSQL reads it as the end of the archive.
+pub const FETCH_EXIT_NOT_FOUND: u8 = 1;
+
+/// `wal-fetch`'s exit status for every other failure. PostgreSQL reads any
+/// status from 1 to 125 as "not found", ends recovery there and promotes,
+/// forking a timeline that lacks committed transactions; only a signal or a
+/// status above 125 makes it stop with FATAL. 126 and 127 mean "not
+/// executable" and "not found" to the shell and to PostgreSQL's log, so 128.
+pub const FETCH_EXIT_FATAL: u8 = 128;
+
+/// How long `wal-fetch` retries a transient failure before giving up
+/// (`PITR_FETCH_RETRY_FOR`).
+pub const DEFAULT_FETCH_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// [`wal_fetch`], retrying transient failures with exponential backoff for at
+/// most `retry_for`. Each retry is logged with its cause.
+///
+/// # Errors
+/// As [`wal_fetch`]: the last error once `retry_for` has passed, or the first
+/// one that retrying cannot fix.
+pub async fn wal_fetch_retrying(
+    repo: &Repo,
+    name: &str,
+    dest: &Path,
+    cfg: &FetchConfig,
+    retry_for: std::time::Duration,
+) -> Result<(FetchOutcome, Option<PrefetchRequest>), ArchiveError> {
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        match wal_fetch(repo, name, dest, cfg).await {
+            Err(e) if e.is_transient() && started.elapsed() + backoff <= retry_for => {
+                tracing::warn!(
+                    file = name,
+                    error = %e,
+                    retry_in = ?backoff,
+                    "wal-fetch failed; retrying (PITR_FETCH_RETRY_FOR bounds this)"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(15));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -202,7 +262,7 @@ pub async fn wal_push(
     let cluster =
         pgdata::system_identifier(&cfg.pgdata).map_err(|source| ArchiveError::PgControl {
             path: cfg.pgdata.join("global/pg_control").display().to_string(),
-            source,
+            cause: source,
         })?;
     let wal_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool = cfg
@@ -217,7 +277,11 @@ pub async fn wal_push(
     )
     .await?;
 
-    let markers = Arc::new(Markers::new(spool.join("archived"), &repo.url));
+    // Markers name the repository by endpoint, URL and owning cluster: the
+    // same URL on another endpoint, or a repository replaced at the same
+    // URL, never inherits them.
+    let identity = format!("{} {} {cluster}", repo.storage.endpoint(), repo.url);
+    let markers = Arc::new(Markers::new(spool.join("archived"), &identity));
     // Decide first whether the requested file still needs compressing, so
     // that the cores are split between the files that really do.
     let done_earlier = markers.take_if_current(&name, path).is_some();
@@ -244,6 +308,8 @@ pub async fn wal_push(
         });
     }
 
+    // A marker is a hint, not proof: confirm the object exists (one HEAD).
+    let done_earlier = done_earlier && repo.storage.head(&catalog::wal_key(&name)).await?.is_some();
     let outcome = if done_earlier {
         Ok(PushOutcome::PushedEarlier)
     } else {
@@ -351,7 +417,7 @@ async fn stored_digest(
         .map(|(digest, _)| digest)
         .map_err(|source| ArchiveError::Corrupt {
             location: storage.location(key),
-            source,
+            cause: source,
         })
 }
 
@@ -366,7 +432,7 @@ fn read_wal_file(path: &Path, name: &WalFileName, cluster: u64) -> Result<Vec<u8
         };
         ArchiveError::ReadSource {
             path: path.display().to_string(),
-            source,
+            cause: source,
             hint,
         }
     })?;
@@ -495,24 +561,25 @@ pub async fn wal_fetch(
 ) -> Result<(FetchOutcome, Option<PrefetchRequest>), ArchiveError> {
     let name: WalFileName = name.parse().map_err(|source| ArchiveError::NotWalFile {
         path: name.to_owned(),
-        source,
+        cause: source,
     })?;
     let dest_dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
     let spool = cfg
         .spool
         .clone()
         .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
+    let owner = catalog::read_repository(&repo.storage, &repo.url).await?;
+    let identity = repo_identity(repo, &owner);
     let prefetch_dir = (cfg.prefetch > 0)
-        .then(|| PrefetchDir::open(&spool, &repo.url))
+        .then(|| PrefetchDir::open(&spool, &identity))
         .flatten();
 
-    let spooled = prefetch_dir.as_ref().map(|p| p.dir.join(name.as_str()));
-    let outcome = match spooled.filter(|p| p.is_file()) {
-        Some(file) if std::fs::rename(&file, dest).is_ok() => FetchOutcome::Prefetched,
-        _ => {
-            download_to(repo, &name, dest).await?;
-            FetchOutcome::Downloaded
-        }
+    let spooled = prefetch_dir.as_ref().and_then(|p| p.take(&name, dest));
+    let outcome = if spooled == Some(true) {
+        FetchOutcome::Prefetched
+    } else {
+        let _digest = download_to(repo, &name, dest).await?;
+        FetchOutcome::Downloaded
     };
     let request = (cfg.prefetch > 0 && name.kind() == WalFileKind::Segment)
         .then(|| segment_size_of(dest))
@@ -525,11 +592,25 @@ pub async fn wal_fetch(
     Ok((outcome, request))
 }
 
+/// What names a repository in the spool: endpoint, URL and the owning
+/// cluster's system identifier.
+fn repo_identity(repo: &Repo, owner: &catalog::RepositoryOwner) -> String {
+    format!(
+        "{} {} {}",
+        repo.storage.endpoint(),
+        repo.url,
+        owner.system_identifier
+    )
+}
+
 /// Fills the spool with the `count` segments after `req.after`, unless another
 /// prefetcher holds the spool's lock. Errors are logged, never returned: the
 /// foreground `wal-fetch` downloads anything that is missing.
 pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
-    let Some(dir) = PrefetchDir::open(&req.spool, &repo.url) else {
+    let Ok(owner) = catalog::read_repository(&repo.storage, &repo.url).await else {
+        return;
+    };
+    let Some(dir) = PrefetchDir::open(&req.spool, &repo_identity(repo, &owner)) else {
         return;
     };
     let Ok(lock) = std::fs::OpenOptions::new()
@@ -559,7 +640,8 @@ pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
             let dest = dir.dir.join(name.as_str());
             async move {
                 match download_to(repo, &name, &dest).await {
-                    Ok(()) | Err(ArchiveError::NotInRepository { .. }) => {}
+                    Ok(digest) => PrefetchDir::record_digest(&dest, digest),
+                    Err(ArchiveError::NotInRepository { .. }) => {}
                     Err(e) => tracing::warn!(file = %name, error = %e, "prefetch failed"),
                 }
             }
@@ -576,15 +658,49 @@ struct PrefetchDir {
 }
 
 impl PrefetchDir {
-    fn open(spool: &Path, repo_url: &str) -> Option<Self> {
+    fn open(spool: &Path, identity: &str) -> Option<Self> {
         let dir = spool.join("prefetch");
         let tag = dir.join(".repository");
-        if std::fs::read_to_string(&tag).ok().as_deref() != Some(repo_url) {
+        if std::fs::read_to_string(&tag).ok().as_deref() != Some(identity) {
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).ok()?;
-            std::fs::write(&tag, repo_url).ok()?;
+            std::fs::write(&tag, identity).ok()?;
         }
         Some(PrefetchDir { dir })
+    }
+
+    /// Records the digest of a spooled file, written after the file itself:
+    /// a file without one is never served.
+    fn record_digest(file: &Path, digest: Sha256Digest) {
+        let sidecar = digest_path(file);
+        let tmp = sidecar.with_extension("sha256.tmp");
+        if std::fs::write(&tmp, digest.to_string()).is_err()
+            || std::fs::rename(&tmp, &sidecar).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// Moves the spooled `name` to `dest` if it still hashes to the digest
+    /// recorded when it was verified, durably (fsync, rename, fsync of the
+    /// directory). `None` or `Some(false)`: download instead.
+    fn take(&self, name: &WalFileName, dest: &Path) -> Option<bool> {
+        let file = self.dir.join(name.as_str());
+        let sidecar = digest_path(&file);
+        let recorded = Sha256Digest::from_hex(std::fs::read_to_string(&sidecar).ok()?.trim());
+        let body = std::fs::read(&file).ok()?;
+        let _ = std::fs::remove_file(&sidecar);
+        if recorded != Some(Sha256Digest::of(&body)) {
+            tracing::warn!(file = %name, "a spooled segment no longer matches its checksum; downloading it again");
+            let _ = std::fs::remove_file(&file);
+            return Some(false);
+        }
+        let durable = std::fs::File::open(&file)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&file, dest))
+            .and_then(|()| sync_dir(dest));
+        Some(durable.is_ok())
     }
 
     /// Deletes spooled files that are not in `window` (already replayed, or another timeline).
@@ -597,7 +713,9 @@ impl PrefetchDir {
             let Some(name) = name.to_str() else { continue };
             let keep = name.starts_with(".lock")
                 || name == ".repository"
-                || window.iter().any(|w| w.as_str() == name);
+                || window
+                    .iter()
+                    .any(|w| name.strip_suffix(".sha256").unwrap_or(name) == w.as_str());
             if !keep {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -605,8 +723,25 @@ impl PrefetchDir {
     }
 }
 
-/// Downloads, decompresses and verifies `name` into `dest` through a temp file.
-async fn download_to(repo: &Repo, name: &WalFileName, dest: &Path) -> Result<(), ArchiveError> {
+/// The file holding a spooled file's digest.
+fn digest_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    file.with_file_name(name)
+}
+
+/// fsyncs the directory holding `path`.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// Downloads, decompresses and verifies `name` into `dest` through a temp
+/// file, durably; returns the content's digest.
+async fn download_to(
+    repo: &Repo,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Sha256Digest, ArchiveError> {
     let key = catalog::wal_key(name);
     let location = repo.storage.location(&key);
     let body = match repo.storage.get(&key).await {
@@ -625,7 +760,7 @@ async fn download_to(repo: &Repo, name: &WalFileName, dest: &Path) -> Result<(),
         .map_err(|e| join_error(Path::new(name.as_str()), e))?
 }
 
-fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<(), ArchiveError> {
+fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<Sha256Digest, ArchiveError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
     let tmp = dir.join(format!(".{file_name}.pitr-tmp.{}", std::process::id()));
@@ -637,22 +772,25 @@ fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<(), ArchiveE
         };
         ArchiveError::WriteDest {
             path: dest.display().to_string(),
-            source,
+            cause: source,
             hint,
         }
     };
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(write_err)?;
         let mut out = io::BufWriter::with_capacity(1 << 20, file);
-        compress::gunzip_verified(gz, &mut out).map_err(|e| match e {
+        let (digest, _) = compress::gunzip_verified(gz, &mut out).map_err(|e| match e {
             GzipError::Write(source) => write_err(source),
             other => ArchiveError::Corrupt {
                 location: location.to_owned(),
-                source: other,
+                cause: other,
             },
         })?;
         out.flush().map_err(write_err)?;
-        std::fs::rename(&tmp, dest).map_err(write_err)
+        out.get_ref().sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, dest).map_err(write_err)?;
+        sync_dir(dest).map_err(write_err)?;
+        Ok(digest)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -676,14 +814,14 @@ fn wal_name_of_path(path: &Path) -> Result<WalFileName, ArchiveError> {
         .parse()
         .map_err(|source| ArchiveError::NotWalFile {
             path: path.display().to_string(),
-            source,
+            cause: source,
         })
 }
 
 fn join_error(path: &Path, e: tokio::task::JoinError) -> ArchiveError {
     ArchiveError::ReadSource {
         path: path.display().to_string(),
-        source: io::Error::other(e.to_string()),
+        cause: io::Error::other(e.to_string()),
         hint: "an internal task failed; report this as a bug",
     }
 }

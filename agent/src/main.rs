@@ -41,7 +41,7 @@ enum Command {
     Backup(BackupArgs),
     /// Show backups and the restorable window.
     List(ListArgs),
-    /// Re-read backups and check WAL continuity. Exit 0 clean, 1 findings, 2 failure.
+    /// Re-read backups and check WAL continuity. Exit 0 clean or warnings only, 1 errors, 2 failure.
     Verify(VerifyArgs),
     /// Delete backups and WAL that retention no longer needs.
     Prune(PruneArgs),
@@ -85,6 +85,10 @@ struct WalFetchArgs {
     /// Spool directory [default: pitr_spool beside the destination].
     #[arg(long, env = "PITR_SPOOL")]
     spool: Option<PathBuf>,
+    /// How long to retry a repository that times out or answers 5xx before
+    /// exiting 128, which stops recovery (exit 1 means only "not in the repository").
+    #[arg(long, env = "PITR_FETCH_RETRY_FOR", default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,9 +128,12 @@ struct VerifyArgs {
     /// Only this backup's data (WAL is checked from its start).
     #[arg(long)]
     backup: Option<BackupId>,
-    /// Warn when the newest backup is older than this, e.g. 26h.
+    /// An error when the newest backup is older than this, e.g. 26h.
     #[arg(long, env = "PITR_VERIFY_MAX_AGE", value_parser = humantime::parse_duration)]
     max_age: Option<Duration>,
+    /// Exit 1 on warnings too (incomplete backups, old uploads), not only on errors.
+    #[arg(long, env = "PITR_VERIFY_STRICT")]
+    strict: bool,
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -216,7 +223,29 @@ struct WalPrefetchArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // restore_command must never exit 1-125 for anything but "not found":
+    // PostgreSQL would end recovery there. Usage errors and panics of
+    // wal-fetch therefore exit 128 (see archive::FETCH_EXIT_FATAL).
+    let fetching = std::env::args().any(|a| a == "wal-fetch");
+    if fetching {
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("pitr-agent wal-fetch: internal error: {info}; stopping recovery");
+            std::process::exit(i32::from(archive::FETCH_EXIT_FATAL));
+        }));
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if fetching && e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(archive::FETCH_EXIT_FATAL);
+        }
+        Err(e) => e.exit(),
+    };
+    let fatal = if matches!(cli.command, Command::WalFetch(_)) {
+        archive::FETCH_EXIT_FATAL
+    } else {
+        2
+    };
     init_tracing("warn");
     // The daemon serves HTTP while jobs run; one-shot commands need one thread.
     let runtime = if matches!(cli.command, Command::Daemon(_)) {
@@ -233,14 +262,14 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pitr-agent: error: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(fatal);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pitr-agent: error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(fatal)
         }
     }
 }
@@ -273,7 +302,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 spool: args.spool,
                 prefetch: args.prefetch,
             };
-            match archive::wal_fetch(&repo, &args.name, &args.path, &cfg).await {
+            match archive::wal_fetch_retrying(&repo, &args.name, &args.path, &cfg, args.retry_for)
+                .await
+            {
                 Ok((outcome, request)) => {
                     tracing::info!(file = %args.name, ?outcome, "restored");
                     if let Some(request) = request {
@@ -284,9 +315,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) if e.is_not_in_repository() => {
                     // PostgreSQL asks for files past the end of the archive; say so quietly.
                     eprintln!("pitr-agent wal-fetch: {e}");
-                    Ok(ExitCode::from(1))
+                    Ok(ExitCode::from(archive::FETCH_EXIT_NOT_FOUND))
                 }
-                Err(e) => Err(anyhow::Error::new(e).context(format!("wal-fetch {}", args.name))),
+                Err(e) => {
+                    // One line, in the server log, naming the object and the cause.
+                    eprintln!(
+                        "pitr-agent wal-fetch: FATAL: cannot restore {}: {e}; stopping recovery \
+                         (exit {}) instead of treating it as the end of the archive",
+                        args.name,
+                        archive::FETCH_EXIT_FATAL
+                    );
+                    Ok(ExitCode::from(archive::FETCH_EXIT_FATAL))
+                }
             }
         }
         Command::Backup(args) => {
@@ -327,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List(args) => {
             let repo = cli.repo.open().await?;
+            pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
             let catalog = Catalog::load(&repo.storage)
                 .await
                 .with_context(|| format!("list {}", repo.url))?;
@@ -340,6 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify(args) => {
             let repo = cli.repo.open().await?;
+            pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
             let catalog = Catalog::load(&repo.storage)
                 .await
                 .with_context(|| format!("verify {}", repo.url))?;
@@ -359,11 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report::verify_text(&result));
             }
-            Ok(if result.findings.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(ExitCode::from(result.exit_code(args.strict)))
         }
         Command::Prune(args) => {
             let repo = cli.repo.open().await?;

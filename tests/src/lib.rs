@@ -154,3 +154,4 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
 }
 
 pub mod fakepg;
+pub mod faultproxy;

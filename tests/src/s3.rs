@@ -163,6 +163,12 @@ impl S3Server {
         self.launch();
     }
 
+    /// The server's endpoint URL, `http://127.0.0.1:PORT`.
+    #[must_use]
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     /// `s3://bucket/prefix`.
     #[must_use]
     pub fn url(&self, prefix: &str) -> String {

@@ -58,9 +58,34 @@ pub enum OwnerError {
         /// What is wrong.
         detail: String,
     },
+    /// Nothing at the URL is a pitr-agent repository.
+    #[error(
+        "no pitr-agent repository at {url} ({OWNER_KEY} is missing): check PITR_REPO / --repo \
+         (and, for file://, that the volume is mounted); a repository is created by the first \
+         `pitr-agent wal-push` or `pitr-agent backup` of its cluster"
+    )]
+    NoRepository {
+        /// The URL.
+        url: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// Reads the owner record of the repository at `url`. Read-only commands
+/// (`list`, `verify`, `wal-fetch`, `pgrestore`) call this first, so that a
+/// wrong URL or an unmounted volume is named instead of looking empty.
+///
+/// # Errors
+/// [`OwnerError::NoRepository`] when there is no record; storage failures.
+pub async fn read_repository(storage: &Storage, url: &str) -> Result<RepositoryOwner, OwnerError> {
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    read_owner(storage, &key)
+        .await?
+        .ok_or_else(|| OwnerError::NoRepository {
+            url: url.to_owned(),
+        })
 }
 
 /// Makes sure `storage` belongs to the cluster `system_identifier`, recording it

@@ -13,7 +13,7 @@ pub mod backup;
 mod identity;
 pub mod retention;
 
-pub use identity::{OwnerError, RepositoryOwner, ensure_owner};
+pub use identity::{OwnerError, RepositoryOwner, ensure_owner, read_repository};
 
 use crate::storage::ObjectKey;
 use crate::wal::WalFileName;

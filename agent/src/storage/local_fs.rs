@@ -22,15 +22,20 @@ pub struct LocalFs {
 const STREAM_BUFFER: usize = 1 << 20;
 
 impl LocalFs {
-    /// Uses `root`, creating it if needed.
+    /// Uses `root`. Opening creates nothing: a read-only command on a wrong
+    /// path must not leave a directory behind; writes create what they need.
     ///
     /// # Errors
-    /// The directory cannot be created or is not a directory.
+    /// `root` exists but is not a directory.
     pub async fn open(root: PathBuf) -> Result<Self, StorageError> {
-        let fs = LocalFs { root };
-        let root = fs.root.clone();
-        blocking(move || create_dirs_durable(&root)).await?;
-        Ok(fs)
+        match std::fs::metadata(&root) {
+            Ok(meta) if !meta.is_dir() => Err(io_error(
+                "use as a directory",
+                &root,
+                io::Error::from(io::ErrorKind::NotADirectory),
+            )),
+            _ => Ok(LocalFs { root }),
+        }
     }
 
     /// The directory this repository lives in.
@@ -293,17 +298,17 @@ impl TempFile {
                         dest.display()
                     )));
                 }
-                // Filesystems without hard links: check, then rename. The
-                // window between the two is covered by the caller comparing
-                // contents afterwards.
+                // Filesystems without hard links: a rename that refuses to
+                // replace (renameat2 RENAME_NOREPLACE). Never a plain rename,
+                // which would overwrite an object another writer created.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTSUP)) => {
-                    if dest.exists() {
-                        return Err(StorageError::AlreadyExists(format!(
-                            "file://{}",
-                            dest.display()
-                        )));
-                    }
-                    fs::rename(&self.path, dest).map_err(|e| io_error("rename", dest, e))?;
+                    rename_noreplace(&self.path, dest).map_err(|e| {
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            StorageError::AlreadyExists(format!("file://{}", dest.display()))
+                        } else {
+                            io_error("rename", dest, e)
+                        }
+                    })?;
                 }
                 Err(e) => return Err(io_error("link", dest, e)),
             },
@@ -311,6 +316,12 @@ impl TempFile {
         self.path = PathBuf::new();
         sync_dir(parent(dest)?)
     }
+}
+
+/// Renames `from` to `to` unless `to` exists, atomically.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(io::Error::from)
 }
 
 impl Drop for TempFile {

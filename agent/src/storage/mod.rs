@@ -294,6 +294,17 @@ impl Storage {
         }
     }
 
+    /// Which server this store talks to: `file` for a local directory, the
+    /// S3 endpoint otherwise. The same `s3://bucket/prefix` on two endpoints
+    /// is two repositories.
+    #[must_use]
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Storage::Local(_) => "file",
+            Storage::S3(s) => s.endpoint(),
+        }
+    }
+
     /// Where `key` lives, as a URL, for messages.
     #[must_use]
     pub fn location(&self, key: &ObjectKey) -> String {
@@ -303,16 +314,32 @@ impl Storage {
     /// Stores `body` under `key` durably: the call returns only once the object
     /// would survive a crash, and a reader never sees a partial object.
     ///
+    /// A create-only write that finds the key holding exactly `body` succeeds:
+    /// S3 can apply a write and still fail the answer (a 500 after the write,
+    /// a reset connection), and the retry then finds its own object.
+    ///
     /// # Errors
-    /// [`StorageError::AlreadyExists`] for a taken key in [`PutMode::CreateOnly`];
-    /// otherwise as classified by the backend.
+    /// [`StorageError::AlreadyExists`] for a key taken by other content in
+    /// [`PutMode::CreateOnly`]; otherwise as classified by the backend.
     pub async fn put(
         &self,
         key: &ObjectKey,
         body: Bytes,
         mode: PutMode,
     ) -> Result<(), StorageError> {
-        dispatch!(self, s => s.put(key, body, mode).await)
+        match dispatch!(self, s => s.put(key, body.clone(), mode).await) {
+            Err(StorageError::AlreadyExists(location)) if mode == PutMode::CreateOnly => {
+                match self.get(key).await {
+                    Ok(stored) if stored == body => {
+                        tracing::debug!(%location, "create-only write found identical content");
+                        Ok(())
+                    }
+                    Ok(_) => Err(StorageError::AlreadyExists(location)),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Streams `reader` into `key` with bounded memory, atomically; returns the size.

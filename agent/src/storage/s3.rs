@@ -95,6 +95,11 @@ impl S3Store {
         }
     }
 
+    /// The endpoint URL, or `AWS S3 (<region>)`.
+    pub(super) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_owned()
@@ -165,7 +170,7 @@ impl S3Store {
             .upload_parts(&full_key, &upload_id, first, &mut reader, &location)
             .await;
         match result {
-            Ok((parts, size)) => {
+            Ok((parts, size, md5s)) => {
                 let completed = CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build();
@@ -181,8 +186,19 @@ impl S3Store {
                 match done {
                     Ok(_) => Ok(size),
                     Err(e) => {
+                        let err = self.classify("complete multipart upload of", location, e);
+                        // S3 can complete the upload and still fail the answer;
+                        // the SDK's retry then hears NoSuchUpload. If the object
+                        // is there with our size and multipart ETag, it is ours.
+                        if self.completed(&full_key, size, &md5s).await {
+                            tracing::debug!(
+                                key = full_key,
+                                "multipart upload completed despite the error"
+                            );
+                            return Ok(size);
+                        }
                         self.abort(&full_key, &upload_id).await;
-                        Err(self.classify("complete multipart upload of", location, e))
+                        Err(err)
                     }
                 }
             }
@@ -193,6 +209,34 @@ impl S3Store {
         }
     }
 
+    /// Whether `full_key` holds the object a multipart upload of these parts
+    /// creates: the same size and, where the store uses S3's multipart ETag
+    /// (the MD5 of the parts' MD5s, `-` the part count), the same ETag.
+    async fn completed(&self, full_key: &str, size: u64, md5s: &[[u8; 16]]) -> bool {
+        let Ok(head) = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .send()
+            .await
+        else {
+            return false;
+        };
+        if u64::try_from(head.content_length().unwrap_or(-1)).ok() != Some(size) {
+            return false;
+        }
+        let mut all = Md5::new();
+        for m in md5s {
+            all.update(m);
+        }
+        let expected = format!("{}-{}", hex::encode(all.finalize()), md5s.len());
+        match head.e_tag().map(|t| t.trim_matches('"')) {
+            Some(tag) if tag.contains('-') => tag == expected,
+            _ => true,
+        }
+    }
+
     async fn upload_parts(
         &self,
         full_key: &str,
@@ -200,7 +244,8 @@ impl S3Store {
         first: Bytes,
         reader: &mut BoxReader,
         location: &str,
-    ) -> Result<(Vec<CompletedPart>, u64), StorageError> {
+    ) -> Result<(Vec<CompletedPart>, u64, Vec<[u8; 16]>), StorageError> {
+        let mut md5s = Vec::new();
         let mut parts = Vec::new();
         let mut in_flight = FuturesOrdered::new();
         let mut next = Some(first);
@@ -210,6 +255,8 @@ impl S3Store {
             number += 1;
             size += body.len() as u64;
             let last = body.len() < PART_SIZE;
+            let digest: [u8; 16] = Md5::digest(&body).into();
+            md5s.push(digest);
             let req = self
                 .client
                 .upload_part()
@@ -217,7 +264,7 @@ impl S3Store {
                 .key(full_key)
                 .upload_id(upload_id)
                 .part_number(number)
-                .content_md5(content_md5(&body))
+                .content_md5(base64::engine::general_purpose::STANDARD.encode(digest))
                 .body(ByteStream::from(body));
             in_flight.push_back(async move { (number, req.send().await) });
             if in_flight.len() > PARTS_IN_FLIGHT {
@@ -233,7 +280,7 @@ impl S3Store {
         while let Some(done) = in_flight.next().await {
             parts.push(self.finish_part(Some(done), location)?);
         }
-        Ok((parts, size))
+        Ok((parts, size, md5s))
     }
 
     fn finish_part<E>(
