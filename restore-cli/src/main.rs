@@ -49,9 +49,13 @@ struct RestoreArgs {
     /// The data directory to restore into; must be empty or missing.
     #[arg(long, env = "PGDATA")]
     pgdata: Option<PathBuf>,
-    /// Recover to this time: '2026-11-21 14:30:00+00', RFC 3339, or no offset for UTC.
+    /// Recover to this time, with its UTC offset: '2026-11-21 14:30:00+00' or RFC 3339.
     #[arg(long)]
     target_time: Option<String>,
+    /// Read a --target-time without an offset as UTC (otherwise it is refused:
+    /// at 3 a.m. in an incident, the local reading is an hour away).
+    #[arg(long)]
+    utc: bool,
     /// Recover to this WAL position, e.g. 0/16B3748.
     #[arg(long)]
     target_lsn: Option<Lsn>,
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(Command::List { json }) = cli.command {
         let repo = cli.repo.open().await?;
+        pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
         let catalog = Catalog::load(&repo.storage)
             .await
             .with_context(|| format!("list {}", repo.url))?;
@@ -156,9 +161,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let RecoveryTarget::Time(t) = &target
         && t.assumed_utc
     {
-        say(&format!(
-            "pgrestore: no time zone given: reading the target as UTC, {t}"
-        ));
+        let typed = args.target_time.as_deref().unwrap_or_default();
+        if !args.utc {
+            bail!(
+                "--target-time {typed:?} has no UTC offset, so it is ambiguous: as UTC it is \
+                 {t}; in this machine's time zone it is {}. Add the offset (e.g. '{typed}+00') \
+                 or pass --utc to read it as UTC",
+                local_reading(t).unwrap_or_else(|| "unknown".to_owned())
+            );
+        }
+        say(&format!("pgrestore: --utc: reading the target as UTC, {t}"));
     }
     let Some(dir) = args.pgdata.clone() else {
         bail!("no data directory: pass --pgdata DIR (or set PGDATA)");
@@ -168,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let agent = find_agent(args.agent.as_deref())?;
 
     let repo = cli.repo.open().await?;
+    pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
     let catalog = Catalog::load(&repo.storage)
         .await
         .with_context(|| format!("read the catalog of {}", repo.url))?;
@@ -181,7 +194,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let plan = RestorePlan::compute(&catalog, &index, &req)?;
     let action = args.target_action;
-    say(&plan_text(&plan, &target, action, &dir));
+    say(&plan_text(
+        &plan,
+        &target,
+        action,
+        &dir,
+        args.target_timeline,
+    ));
     if args.dry_run {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -220,9 +239,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         humantime::format_rfc3339_seconds(SystemTime::now()),
         plan.backup.id
     );
-    if let Err(e) = recovery.write(&dir, &header) {
-        clean(&dir, existed);
-        bail!("write the recovery settings into {}: {e}", dir.display());
+    let removed = match recovery.write(&dir, &header) {
+        Ok(removed) => removed,
+        Err(e) => {
+            clean(&dir, existed);
+            bail!("write the recovery settings into {}: {e}", dir.display());
+        }
+    };
+    if !removed.is_empty() {
+        say(&format!(
+            "pgrestore: the backup carried recovery settings of an earlier restore; removed:\n  {}",
+            removed.join("\n  ")
+        ));
     }
     say(&format!(
         "pgrestore: restored {} files ({}) in {:.1}s; recovery.signal and the recovery settings \
@@ -287,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             "raw-bytes": stats.raw_bytes,
             "stored-bytes": stats.stored_bytes,
             "seconds": started.elapsed().as_secs_f64(),
+            "removed-settings": removed,
             "reached": reached.map(|mut r| { r.log.clear(); r }),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -311,6 +340,22 @@ fn target_of(args: &RestoreArgs) -> anyhow::Result<RecoveryTarget> {
              --target-lsn, --target-xid, --target-name, or --target immediate"
         )
     })
+}
+
+/// The instant `t`'s wall-clock reading denotes in the local time zone, in UTC.
+fn local_reading(t: &TargetTime) -> Option<String> {
+    use chrono::TimeZone as _;
+    let naive = chrono::DateTime::from_timestamp_micros(t.micros)?.naive_utc();
+    let local = chrono::Local.from_local_datetime(&naive).earliest()?;
+    let micros = local.timestamp_micros();
+    Some(format!(
+        "{} ({} local)",
+        TargetTime {
+            micros,
+            assumed_utc: false
+        },
+        local.format("%:z")
+    ))
 }
 
 async fn restore_files(
@@ -439,10 +484,11 @@ fn plan_text(
     target: &RecoveryTarget,
     action: TargetAction,
     dir: &Path,
+    asked: TargetTimeline,
 ) -> String {
     let b = &plan.backup;
     let mut out = format!(
-        "pgrestore plan:\n  target:    {target}, timeline {} (ends on timeline {}), then {}{}\n  \
+        "pgrestore plan:\n  target:    {target}, timeline {} (--target-timeline {asked}, ends on timeline {}), then {}{}\n  \
          backup:    {} (ended {}, {} stored, PostgreSQL {}, LSN {}..{})\n",
         plan.target_timeline,
         plan.timeline,

@@ -399,7 +399,9 @@ impl Catalog {
             .map_or(crate::wal::DEFAULT_SEGMENT_SIZE, |b| b.wal_segment_size)
     }
 
-    /// The newest archived WAL segment (full or partial), by name.
+    /// The newest archived WAL segment (full or partial) of the newest
+    /// timeline: after a restore, the abandoned timeline may reach further
+    /// segment numbers, but the live cluster writes the newest timeline.
     #[must_use]
     pub fn newest_segment(&self) -> Option<&WalObject> {
         self.wal
@@ -407,8 +409,8 @@ impl Catalog {
             .filter(|w| matches!(w.name.kind(), WalFileKind::Segment | WalFileKind::Partial))
             .max_by(|a, b| {
                 let seg = self.segment_size();
-                (a.name.segment_no(seg), a.name.timeline())
-                    .cmp(&(b.name.segment_no(seg), b.name.timeline()))
+                (a.name.timeline(), a.name.segment_no(seg))
+                    .cmp(&(b.name.timeline(), b.name.segment_no(seg)))
             })
     }
 
@@ -449,6 +451,30 @@ pub struct RestorableWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_segment_is_on_the_newest_timeline() {
+        let mut c = Catalog::default();
+        for name in [
+            "000000010000000000000050",
+            "00000002.history",
+            "000000020000000000000036",
+            "000000020000000000000037",
+        ] {
+            c.wal.push(WalObject {
+                name: name.parse().expect("valid"),
+                meta: crate::storage::ObjectMeta {
+                    key: crate::storage::ObjectKey::new(format!("wal/{name}.gz")).expect("key"),
+                    size: 1,
+                    modified: None,
+                },
+            });
+        }
+        assert_eq!(
+            c.newest_segment().map(|w| w.name.to_string()).as_deref(),
+            Some("000000020000000000000037")
+        );
+    }
 
     #[test]
     fn ids_round_trip_and_sort() {

@@ -37,7 +37,7 @@ pub enum PolicyError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RetentionPlan {
-    /// Backups kept, oldest first, with the reason.
+    /// Backups kept, oldest first (the live timeline's last), with the reason.
     pub keep: Vec<Kept>,
     /// Backups deleted, oldest first.
     pub delete_backups: Vec<BackupId>,
@@ -82,7 +82,18 @@ impl RetentionPlan {
         if policy.retain_full == Some(0) {
             return Err(PolicyError::ZeroCount);
         }
-        let backups = &catalog.backups;
+        // "Newest" follows the timeline graph, not LSNs: after a restore, the
+        // live timeline's first backup can have a smaller LSN than backups of
+        // the abandoned one. The live timeline's backups rank newest, each
+        // group by time, so the live cluster never loses its newest backup.
+        let live = catalog
+            .wal
+            .iter()
+            .map(|w| w.name.timeline())
+            .chain(catalog.backups.iter().map(|b| b.timeline))
+            .max();
+        let mut backups: Vec<&super::backup::BackupRecord> = catalog.backups.iter().collect();
+        backups.sort_by_key(|b| (Some(b.timeline) == live, b.stop_time));
         let count = backups.len();
         let mut reasons: Vec<Option<&'static str>> = vec![None; count];
         if let Some(n) = policy.retain_full {
@@ -265,6 +276,52 @@ mod tests {
         plan.iter()
             .map(|id| c.backups.iter().position(|b| &b.id == id).expect("known"))
             .collect()
+    }
+
+    /// B1-B5 on timeline 1; a restore to before B4 starts timeline 2 at
+    /// segment 0x35; its first backup C1 (0x36) has a smaller LSN than B4.
+    #[test]
+    fn the_live_timelines_newest_backup_and_its_wal_survive_a_count() {
+        let mut c = Catalog::default();
+        for (day, seg) in [(0, 0x10), (1, 0x20), (2, 0x30), (3, 0x40), (4, 0x50)] {
+            c.backups.push(backup(day, seg));
+        }
+        let mut c1 = backup(5, 0x36);
+        c1.timeline = TimelineId(2);
+        c1.start_timeline = TimelineId(2);
+        // The catalog orders by LSN: C1 sits between B3 and B4.
+        c.backups.insert(3, c1);
+        for name in [
+            "000000010000000000000030",
+            "000000010000000000000035",
+            "000000010000000000000050",
+            "00000002.history",
+            "000000020000000000000035",
+            "000000020000000000000036",
+            "000000020000000000000037",
+        ] {
+            c.wal.push(wal(name));
+        }
+        let plan = RetentionPlan::compute(&c, &policy(Some(2), None), at(6)).expect("plan");
+        let kept: Vec<usize> = plan
+            .keep
+            .iter()
+            .map(|k| c.backups.iter().position(|b| b.id == k.id).expect("known"))
+            .collect();
+        assert_eq!(kept, vec![5, 3], "B5, then C1 (live timeline) newest");
+        assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1, 2, 4]);
+        assert_eq!(plan.wal_floor, Some(SegmentNo(0x36)));
+        for needed in [
+            "000000020000000000000036",
+            "000000020000000000000037",
+            "000000010000000000000050",
+        ] {
+            assert!(!plan.delete_wal.iter().any(|w| w == needed), "{needed}");
+        }
+        // With one kept, it is C1, not B5 (the higher LSN).
+        let plan = RetentionPlan::compute(&c, &policy(Some(1), None), at(6)).expect("plan");
+        assert_eq!(plan.keep.len(), 1);
+        assert_eq!(plan.keep[0].id, c.backups[3].id);
     }
 
     #[test]

@@ -31,7 +31,9 @@ pub struct RestorePlan {
     pub backup: BackupRecord,
     /// The timeline recovery ends on.
     pub timeline: TimelineId,
-    /// `recovery_target_timeline` as PostgreSQL will be told.
+    /// `recovery_target_timeline` as PostgreSQL will be told: the number
+    /// pgrestore resolved, never `latest` (PostgreSQL's own resolution stops
+    /// at the first history file it cannot fetch).
     pub target_timeline: String,
     /// The first archived segment recovery may fetch.
     pub wal_first: Option<String>,
@@ -88,6 +90,20 @@ pub enum PlanError {
         target: String,
         /// What the archive reaches.
         newest: String,
+    },
+    /// A hole in the WAL after the backup, when the target's position is
+    /// known only by replay (xid, restore point).
+    #[error(
+        "WAL gap: {range} missing from the repository after backup {backup}; where a transaction \
+         id or restore point lies is known only by replay, so the target may be before or after \
+         the gap. Pass --allow-incomplete to replay up to the gap (recovery stops with an error \
+         if the target lies beyond it), or restore a backup taken after it (`pgrestore list`)"
+    )]
+    GapBeforeUnknownTarget {
+        /// The missing segments.
+        range: String,
+        /// The backup.
+        backup: BackupId,
     },
     /// A hole in the WAL the restore needs.
     #[error(
@@ -202,7 +218,7 @@ impl RestorePlan {
             RecoveryTarget::Immediate => on_timeline.last().expect("non-empty"),
         };
         let (backup, timeline) = (chosen.0, chosen.1);
-        let target_timeline = req.timeline.to_string();
+        let target_timeline = timeline.to_string();
 
         // The tar holds the WAL up to the backup's end; past that, the archive.
         let last_in_tar = Lsn(backup.stop_lsn.0.saturating_sub(1)).segment(seg);
@@ -254,19 +270,61 @@ impl RestorePlan {
             RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => Some(newest),
         };
         let (mut wal_first, mut wal_last, mut wal_segments, mut wal_bytes) = (None, None, 0, 0);
-        if let Some(end) = end.filter(|e| *e >= last_in_tar) {
-            let (missing, _) = index.missing(&path, last_in_tar, end);
-            if let Some(&(tl, first)) = missing.first() {
-                let run = missing
+        if let Some(mut end) = end.filter(|e| *e >= last_in_tar) {
+            // Only the WAL up to the target is needed: for a time, up to the
+            // first segment archived after it (it was closed after the
+            // target, so it holds WAL written past it); for an LSN, its
+            // segment (`end` already). A gap beyond is only a note.
+            if let RecoveryTarget::Time(t) = &req.target {
+                let archived: std::collections::HashMap<&WalFileName, SystemTime> = catalog
+                    .wal
                     .iter()
-                    .enumerate()
-                    .take_while(|(i, (t, s))| *t == tl && s.0 == first.0 + *i as u64)
-                    .count();
-                let last = missing[run - 1].1;
-                return Err(PlanError::Gap {
-                    range: index.range_text(tl, first, last),
-                    backup: backup.id.clone(),
+                    .filter_map(|w| Some((&w.name, w.meta.modified?)))
+                    .collect();
+                let stamped_after = (last_in_tar.0..=end.0).map(SegmentNo).find(|s| {
+                    let name = WalFileName::segment(WalIndex::timeline_for(&path, *s), *s, seg);
+                    // S3 object times have one-second precision.
+                    archived.get(&name).is_some_and(|m| {
+                        TargetTime::from_system_time(*m)
+                            > TargetTime {
+                                micros: t.micros + 1_000_000,
+                                assumed_utc: false,
+                            }
+                    })
                 });
+                if let Some(s) = stamped_after {
+                    end = s;
+                }
+            }
+            let (all_missing, _) = index.missing(&path, last_in_tar, newest);
+            let runs = gap_runs(&all_missing);
+            let unknown_position =
+                matches!(req.target, RecoveryTarget::Xid(_) | RecoveryTarget::Name(_));
+            if let Some(&(tl, first, last)) = runs.iter().find(|(_, first, _)| *first <= end) {
+                let range = index.range_text(tl, first, last);
+                if !unknown_position {
+                    return Err(PlanError::Gap {
+                        range,
+                        backup: backup.id.clone(),
+                    });
+                }
+                if !req.allow_incomplete {
+                    return Err(PlanError::GapBeforeUnknownTarget {
+                        range,
+                        backup: backup.id.clone(),
+                    });
+                }
+                end = SegmentNo(first.0 - 1);
+                notes.push(format!(
+                    "--allow-incomplete: replaying only up to the gap at {range}; if the target \
+                     lies beyond it, recovery stops there with an error"
+                ));
+            } else if let Some(&(tl, first, last)) = runs.first() {
+                notes.push(format!(
+                    "a gap at {} after your target: later targets are not restorable from this \
+                     backup",
+                    index.range_text(tl, first, last)
+                ));
             }
             let wanted: std::collections::HashSet<(TimelineId, SegmentNo)> = (last_in_tar.0
                 ..=end.0)
@@ -302,6 +360,19 @@ impl RestorePlan {
             notes,
         })
     }
+}
+
+/// Missing segments grouped into runs of consecutive numbers on one
+/// timeline: `(timeline, first, last)`, oldest first.
+fn gap_runs(missing: &[(TimelineId, SegmentNo)]) -> Vec<(TimelineId, SegmentNo, SegmentNo)> {
+    let mut runs: Vec<(TimelineId, SegmentNo, SegmentNo)> = Vec::new();
+    for &(tl, s) in missing {
+        match runs.last_mut() {
+            Some((rtl, _, last)) if *rtl == tl && last.0 + 1 == s.0 => *last = s,
+            _ => runs.push((tl, s, s)),
+        }
+    }
+    runs
 }
 
 /// The first LSN after segment `segno`.

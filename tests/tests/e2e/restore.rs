@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use pitr_tests::faultproxy::{Fault, FaultProxy};
 
 use pitr_tests::bins::pgrestore;
 use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin};
@@ -425,7 +428,36 @@ fn refusals_leave_the_directory_untouched() {
     };
     src.mark(1);
     let r = Restored::new(&bin);
+    // A URL where no repository is: named, and nothing is created there.
+    let nowhere = src
+        .dir
+        .as_ref()
+        .expect("file repository")
+        .with_file_name("nowhere");
+    let mut cmd = Command::new(pgrestore());
+    RunAs::test_user().apply(&mut cmd);
+    let out = cmd
+        .current_dir(std::env::temp_dir())
+        .args(["--repo", &format!("file://{}", nowhere.display())])
+        .args(["--target-time", "2026-11-21 14:30:00+00", "--pgdata"])
+        .arg(&r.data)
+        .output()
+        .expect("run pgrestore");
+    refused(&out, "no pitr-agent repository at file://", &r.data, &[]);
+    for read in [&["list"][..], &["verify"][..]] {
+        let out = pitr_tests::bins::agent_cmd(RunAs::test_user())
+            .args(["--repo", &format!("file://{}", nowhere.display())])
+            .args(read)
+            .output()
+            .expect("run pitr-agent");
+        assert_eq!(out.status.code(), Some(2), "{read:?}: {out:?}");
+        assert!(
+            !nowhere.exists(),
+            "{read:?} created the repository directory"
+        );
+    }
     // Before any backup.
+    src.archive_now();
     refused(
         &r.pgrestore(&src, &["--target-time", "2026-11-21 14:30:00+00"]),
         "has no backup",
@@ -520,5 +552,390 @@ fn refusals_leave_the_directory_untouched() {
         &format!("WAL gap: {segment}"),
         &r.data,
         &[],
+    );
+}
+
+/// `pitr-agent ARGS` against the restored cluster `r` (its socket and port).
+fn agent_on(src: &Source, r: &Restored, args: &[&str]) -> Output {
+    let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
+    cmd.envs(src.env.iter().cloned())
+        .env("PGHOST", &r.socket)
+        .env("PGPORT", r.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PG_BIN", &r.bin.dir)
+        .args(["--repo", &src.repo])
+        .args(args);
+    cmd.output().expect("run pitr-agent")
+}
+
+/// Life after a restore (issue 11): a restored, promoted cluster (timeline
+/// 2) carries pgrestore's `recovery_target_time` into its own backups; that
+/// backup must restore to an LSN, an xid and a name. Retention by count must
+/// keep the live timeline's backup even though its LSN is smaller than the
+/// abandoned timeline's newer backups; timeline 2 then still restores, and
+/// timeline 1's history too.
+fn life_after_a_restore(kind: Option<S3Kind>) {
+    let Some(bin) = pg_bin() else { return };
+    let Some(mut src) = Source::start(&bin, kind) else {
+        return;
+    };
+    for id in 1..=2 {
+        src.mark(id);
+    }
+    let _b1 = src.backup_id();
+    for id in 3..=5 {
+        src.mark(id);
+    }
+    // Push timeline 1 well past where timeline 2 will branch, so that the
+    // live timeline's backup has the smaller LSN.
+    for _ in 0..4 {
+        let _ = src.pg.switch_wal();
+    }
+    let _b2 = src.backup_id();
+    src.mark(6);
+    for _ in 0..2 {
+        let _ = src.pg.switch_wal();
+    }
+    let b3 = src.backup_id();
+    for id in 7..=10 {
+        src.mark(id);
+    }
+    src.archive_now();
+
+    // Restore to between markers 3 and 4 and promote: timeline 2.
+    let r1 = Restored::new(&bin);
+    let t3 = src.time_between(3);
+    ok(
+        &r1.pgrestore(
+            &src,
+            &[
+                "--target-time",
+                &t3,
+                "--start",
+                "--target-action",
+                "promote",
+            ],
+        ),
+        "restore and promote",
+    );
+    assert_eq!(r1.ids(), ids(1..=3));
+    for id in 101..=103 {
+        r1.sql(&format!("INSERT INTO markers VALUES ({id}, 2)"));
+    }
+    let out = agent_on(&src, &r1, &["backup", "--json"]);
+    ok(&out, "backup of the restored cluster");
+    let c1: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let c1 = c1["id"].as_str().expect("id").to_owned();
+    r1.sql("INSERT INTO markers VALUES (104, 2)");
+    let lsn_104 = r1.sql("SELECT pg_current_wal_insert_lsn()::text");
+    r1.sql("SELECT pg_create_restore_point('after_104')");
+    r1.sql("INSERT INTO markers VALUES (105, 2)");
+    let xid_105 = r1.sql("SELECT xmin::text FROM markers WHERE id = 105");
+    r1.sql("INSERT INTO markers VALUES (106, 2)");
+    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_for("timeline 2 to be archived", ARCHIVE_TIMEOUT, || {
+        let archived = r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        (archived >= last).then_some(())
+    });
+    drop(r1);
+
+    let tl2_to = |what: &str, target: &[&str], want: &str| {
+        let r = Restored::new(&bin);
+        let mut args = vec!["--backup", c1.as_str()];
+        args.extend_from_slice(target);
+        args.extend(["--start", "--target-action", "pause"]);
+        let out = r.pgrestore(&src, &args);
+        ok(&out, what);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("removed") && said.contains("recovery_target_time"),
+            "{what}: pgrestore says what it removed: {said}"
+        );
+        assert_eq!(r.ids(), want, "{what}");
+    };
+    let upto = |last: i32| {
+        let mut v: Vec<i32> = (1..=3).collect();
+        v.extend(101..=last);
+        ids(v)
+    };
+    tl2_to(
+        "timeline 2 to an LSN",
+        &["--target-lsn", &lsn_104],
+        &upto(104),
+    );
+    tl2_to(
+        "timeline 2 to an xid",
+        &["--target-xid", &xid_105],
+        &upto(105),
+    );
+    tl2_to(
+        "timeline 2 to a name",
+        &["--target-name", "after_104"],
+        &upto(104),
+    );
+
+    // Keep two: the live timeline's C1 and, by time, B3 of timeline 1.
+    let out = src.run(&["prune", "--retain-full", "2"]);
+    ok(&out, "prune --retain-full 2");
+    let mut kept = src.backup_ids();
+    kept.sort();
+    let mut want = vec![b3.clone(), c1.clone()];
+    want.sort();
+    assert_eq!(kept, want, "prune keeps the live timeline's backup");
+    tl2_to(
+        "timeline 2 after prune",
+        &["--target-lsn", &lsn_104],
+        &upto(104),
+    );
+    let listed = src.list();
+    assert!(
+        listed["restorable-window"]["newest-wal"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("00000002")),
+        "list reports the live timeline's window: {listed}"
+    );
+
+    // Timeline 1's own history, from B3.
+    let r = Restored::new(&bin);
+    let t8 = src.time_between(8);
+    ok(
+        &r.pgrestore(
+            &src,
+            &[
+                "--target-time",
+                &t8,
+                "--target-timeline",
+                "1",
+                "--start",
+                "--target-action",
+                "pause",
+            ],
+        ),
+        "timeline 1 after prune",
+    );
+    assert_eq!(r.ids(), ids(1..=8));
+    let verify = src.run(&["verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "verify after prune: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[test]
+fn life_after_a_restore_on_a_file_repository() {
+    life_after_a_restore(None);
+}
+
+#[test]
+fn life_after_a_restore_on_s3() {
+    life_after_a_restore(Some(S3Kind::S3sFs));
+}
+
+/// A segment lost after the target does not block a restore before it; for
+/// an xid (position unknown before replay) it is refused unless
+/// `--allow-incomplete`.
+#[test]
+fn a_gap_after_the_target_blocks_only_later_targets() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(mut src) = Source::start(&bin, None) else {
+        return;
+    };
+    for id in 1..=3 {
+        src.mark(id);
+    }
+    let _ = src.backup_id();
+    // Segments archived seconds apart, so the one after the target is
+    // stamped more than S3's one-second precision after it.
+    src.mark(4);
+    src.archive_now();
+    std::thread::sleep(Duration::from_secs(3));
+    src.mark(5);
+    src.archive_now();
+    std::thread::sleep(Duration::from_secs(3));
+    src.mark(6);
+    let lost = src.archive_now();
+    src.mark(7);
+    src.archive_now();
+    let wal = src.dir.as_ref().expect("file repository").join("wal");
+    std::fs::remove_file(wal.join(format!("{lost}.gz"))).expect("lose a segment");
+
+    let t4 = src.time_between(4);
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(
+        &src,
+        &["--target-time", &t4, "--start", "--target-action", "pause"],
+    );
+    ok(&out, "a time before the gap");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("a gap at {lost}")) && said.contains("after your target"),
+        "{said}"
+    );
+    assert_eq!(r.ids(), ids(1..=4));
+    drop(r);
+
+    let xid5 = src.marker(5).xid.clone();
+    let r = Restored::new(&bin);
+    refused(
+        &r.pgrestore(&src, &["--target-xid", &xid5]),
+        &format!("WAL gap: {lost}"),
+        &r.data,
+        &[],
+    );
+    let out = r.pgrestore(
+        &src,
+        &[
+            "--target-xid",
+            &xid5,
+            "--allow-incomplete",
+            "--start",
+            "--target-action",
+            "pause",
+        ],
+    );
+    ok(&out, "an xid before the gap, --allow-incomplete");
+    assert_eq!(r.ids(), ids(1..=5));
+    drop(r);
+
+    // A time past the gap is still refused, naming it.
+    let t6 = src.time_between(6);
+    let r = Restored::new(&bin);
+    refused(
+        &r.pgrestore(&src, &["--target-time", &t6]),
+        &format!("WAL gap: {lost}"),
+        &r.data,
+        &[],
+    );
+    // A time without an offset is ambiguous: refused, with both readings.
+    let naive = t4.split(['+', '-']).take(3).collect::<Vec<_>>().join("-");
+    let out = r.pgrestore(&src, &["--target-time", &naive]);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("no UTC offset") && msg.contains("--utc") && msg.contains("time zone"),
+        "{msg}"
+    );
+}
+
+/// The store misbehaves while PostgreSQL replays (issue 11): first a few
+/// seconds where every request gets 503, then 30 % of requests fail (503,
+/// 500, connections dropped before or after the answer). Recovery waits and
+/// reaches the target exactly.
+#[test]
+fn faults_during_replay_are_waited_out_and_the_target_reached_exactly() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(mut src) = Source::start(&bin, Some(S3Kind::S3sFs)) else {
+        return;
+    };
+    for id in 1..=3 {
+        src.mark(id);
+    }
+    let _ = src.backup_id();
+    for id in 4..=24 {
+        src.mark(id);
+        if id % 3 == 0 {
+            let _ = src.pg.switch_wal();
+        }
+    }
+    src.archive_now();
+    let endpoint = src
+        .server
+        .as_ref()
+        .expect("an S3 server")
+        .endpoint()
+        .to_owned();
+    let proxy = FaultProxy::start(
+        &endpoint,
+        0x5eed,
+        0.0,
+        &[
+            Fault::Unavailable,
+            Fault::FailedAfterWrite,
+            Fault::DropBefore,
+            Fault::DropAfter,
+        ],
+    );
+    let mut through_proxy = src.setup.env.clone();
+    through_proxy.retain(|(k, _)| k != "PITR_S3_ENDPOINT");
+    through_proxy.push(("PITR_S3_ENDPOINT".into(), proxy.endpoint()));
+    let r = Restored::new(&bin);
+    let t20 = src.time_between(20);
+    let out = std::thread::scope(|s| {
+        let signal = r.data.join("recovery.signal");
+        let proxy = &proxy;
+        s.spawn(move || {
+            // Once the base backup is in place, replay begins: fault it.
+            wait_for(
+                "the base backup to be restored",
+                Duration::from_secs(120),
+                || signal.exists().then_some(()),
+            );
+            proxy.outage(Some(Fault::Unavailable));
+            std::thread::sleep(Duration::from_secs(3));
+            proxy.outage(None);
+            proxy.set_probability(0.3);
+        });
+        let mut cmd = Command::new(pgrestore());
+        RunAs::test_user().apply(&mut cmd);
+        cmd.current_dir(std::env::temp_dir())
+            .envs(through_proxy.iter().cloned())
+            .env("PGUSER", "postgres")
+            .env("PG_BIN", &r.bin.dir)
+            .env("PITR_S3_MAX_ATTEMPTS", "1")
+            .args(["--repo", &src.repo, "--pgdata"])
+            .arg(&r.data)
+            .args(["--port", &r.port.to_string(), "--socket-dir"])
+            .arg(&r.socket)
+            .args(["--start-timeout", "300s", "--target-time", &t20, "--start"])
+            .args(["--target-action", "pause"])
+            .output()
+            .expect("run pgrestore")
+    });
+    ok(&out, "restore through the fault proxy");
+    assert!(
+        proxy.counts.faulted.load(Ordering::Relaxed) >= 3,
+        "faults were injected: {:?}",
+        proxy.counts
+    );
+    assert_eq!(r.ids(), ids(1..=20), "the target, exactly");
+}
+
+/// A WAL object damaged for good: recovery stops with FATAL (wal-fetch
+/// exits 128) instead of promoting early, and pgrestore names the object.
+#[test]
+fn a_corrupt_wal_object_stops_recovery_and_pgrestore_names_it() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(mut src) = Source::start(&bin, None) else {
+        return;
+    };
+    src.mark(1);
+    let _ = src.backup_id();
+    src.mark(2);
+    let damaged = src.archive_now();
+    src.mark(3);
+    src.archive_now();
+    let object = src
+        .dir
+        .as_ref()
+        .expect("file repository")
+        .join(format!("wal/{damaged}.gz"));
+    let mut bytes = std::fs::read(&object).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&object, bytes).expect("damage");
+    let r = Restored::new(&bin);
+    let t2 = src.time_between(2);
+    let out = r.pgrestore(&src, &["--target-time", &t2, "--start"]);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("could not deliver WAL") && msg.contains(&object.display().to_string()),
+        "pgrestore names the object: {msg}"
+    );
+    assert!(
+        !msg.contains("ended recovery before the target"),
+        "not blamed on missing WAL: {msg}"
     );
 }
