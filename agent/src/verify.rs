@@ -81,6 +81,22 @@ pub struct VerifyReport {
     pub findings: Vec<Finding>,
 }
 
+impl VerifyReport {
+    /// Whether any finding is an error: a restore would fail or lose data.
+    #[must_use]
+    pub fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+
+    /// `verify`'s exit status: 0 clean, 1 errors found (with `strict`, any
+    /// finding). Warnings alone (incomplete-backup debris that `prune`
+    /// removes) must not stop the CronJob before it reaches `prune`.
+    #[must_use]
+    pub fn exit_code(&self, strict: bool) -> u8 {
+        u8::from(self.has_errors() || (strict && !self.findings.is_empty()))
+    }
+}
+
 /// Runs every check on `catalog`.
 ///
 /// # Errors
@@ -114,9 +130,10 @@ pub async fn verify(
         }
         None => catalog.backups.iter().collect(),
     };
+    // A restore would fail or lose data: an error, not a warning.
     if catalog.backups.is_empty() {
         report.findings.push(Finding {
-            severity: Severity::Warning,
+            severity: Severity::Error,
             subject: "repository".into(),
             message: "no backups: nothing can be restored; take one with `pitr-agent backup`"
                 .into(),
@@ -129,7 +146,7 @@ pub async fn verify(
         let age = opts.now.duration_since(newest).unwrap_or_default();
         if age > max_age {
             report.findings.push(Finding {
-                severity: Severity::Warning,
+                severity: Severity::Error,
                 subject: "repository".into(),
                 message: format!(
                     "the newest backup ended {} ago, more than --max-age {}; restores replay \

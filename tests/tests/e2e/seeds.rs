@@ -569,7 +569,7 @@ fn seed_000_kubernetes_infrastructure() {
         .cloned();
     assert_eq!(ns.as_deref(), Some("ingress-nginx"));
 
-    // Backup CronJob: 02:00 UTC, no overlap, backup then verify then prune.
+    // Backup CronJob: 02:00 UTC, no overlap, backup then prune then verify.
     let cj: CronJob = p.get("CronJob", "pitr-backup");
     let cs = &cj.spec;
     assert_eq!(cs.schedule, "0 2 * * *", "daily at 2:00");
@@ -588,7 +588,7 @@ fn seed_000_kubernetes_infrastructure() {
                 .join("\n")
         });
     let script = script.expect("backup script");
-    let order: Vec<usize> = ["pitr-agent backup", "pitr-agent verify", "pitr-agent prune"]
+    let order: Vec<usize> = ["pitr-agent backup", "pitr-agent prune", "pitr-agent verify"]
         .iter()
         .map(|c| {
             script
@@ -598,8 +598,9 @@ fn seed_000_kubernetes_infrastructure() {
         .collect();
     assert!(
         order.windows(2).all(|w| w[0] < w[1]),
-        "backup, then verify, then prune"
+        "backup, then prune, then verify"
     );
+    cronjob_script_runs_every_step(&script);
 
     // Quotas and defaults.
     let quota: ResourceQuota = p.get("ResourceQuota", "loomworks-quota");
@@ -1104,5 +1105,47 @@ fn seed_003_docker_compose_and_nginx() {
             block.contains("proxy_pass $odoo_gevent;"),
             "{location} goes to 8072"
         );
+    }
+}
+
+/// The CronJob's script, run by bash with a stand-in `pitr-agent` on PATH:
+/// a failing step never stops the ones after it (prune must run after a
+/// failed backup, or debris is never removed), and the Job fails if any did.
+fn cronjob_script_runs_every_step(script: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("calls");
+    let stub = dir.path().join("pitr-agent");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {}\ncase \" $PITR_FAIL \" in *\" $1 \"*) exit 1;; esac\n",
+            log.display()
+        ),
+    )
+    .expect("write the stub");
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    for (fail, code) in [("", 0), ("backup", 1), ("prune", 1), ("verify", 1)] {
+        let _ = std::fs::remove_file(&log);
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", script])
+            .env("PATH", path)
+            .env("PITR_FAIL", fail)
+            .env("PITR_RETAIN_DAYS", "14")
+            .env("PITR_RETAIN_FULL", "7")
+            .output()
+            .expect("run bash");
+        let calls = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            calls.split_whitespace().collect::<Vec<_>>(),
+            ["backup", "prune", "verify"],
+            "with {fail:?} failing"
+        );
+        assert_eq!(out.status.code(), Some(code), "with {fail:?} failing");
     }
 }
