@@ -294,6 +294,8 @@ fn data_checksum_failures_fail_the_backup() {
 fn tablespaces_outside_the_data_directory_are_refused() {
     let Some(bin) = pg_bin() else { return };
     let setup = Setup::file(&bin);
+    // The first archived segment creates the repository that `list` reads.
+    setup.archive_now();
     let pg = &setup.pg;
     let location = pg.dir.path().join("ts");
     std::fs::create_dir(&location).expect("mkdir");

@@ -181,9 +181,9 @@ fn parallel_push_records_markers_that_later_calls_trust_only_when_current() {
     let markers = pg.path().join("pg_wal/pitr_spool/archived");
     assert!(markers.join(SEG2).exists() && markers.join(SEG4).exists());
 
-    // PostgreSQL marks SEG1 done, then asks for SEG2. The marker answers
-    // without another upload: with the object removed behind our back, the
-    // call still succeeds and does not re-create it.
+    // PostgreSQL marks SEG1 done, then asks for SEG2. A marker is a hint,
+    // not proof: one HEAD confirms the object. With the object removed
+    // behind our back, the marker is not trusted and SEG2 is pushed again.
     std::fs::remove_file(
         pg.path()
             .join("pg_wal/archive_status")
@@ -194,10 +194,33 @@ fn parallel_push_records_markers_that_later_calls_trust_only_when_current() {
     let out = run(push(&pg, &repo, SEG2, user).env("PITR_ARCHIVE_PARALLEL", "1"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        !wal.join(format!("{SEG2}.gz")).exists(),
-        "answered from the marker"
+        wal.join(format!("{SEG2}.gz")).exists(),
+        "a marker whose object is gone is not trusted: pushed again"
     );
     assert!(!markers.join(SEG2).exists(), "the marker is consumed");
+    // With the object there, the marker answers without another upload.
+    std::fs::remove_file(
+        pg.path()
+            .join("pg_wal/archive_status")
+            .join(format!("{SEG2}.ready")),
+    )
+    .expect("rm");
+    let before = std::fs::metadata(wal.join(format!("{SEG4}.gz")))
+        .and_then(|m| m.modified())
+        .expect("SEG4 stored");
+    let out = run(push(&pg, &repo, SEG4, user)
+        .env("PITR_ARCHIVE_PARALLEL", "1")
+        .env("PITR_LOG", "info"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("PushedEarlier"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::metadata(wal.join(format!("{SEG4}.gz")))
+            .and_then(|m| m.modified())
+            .expect("SEG4 stored"),
+        before,
+        "answered from the marker, not uploaded again"
+    );
+    assert!(!markers.join(SEG4).exists(), "the marker is consumed");
 
     // A marker is trusted only while the file still hashes the same: SEG3
     // changed locally, so the call pushes again and meets the stored copy.

@@ -167,6 +167,15 @@ impl Restored {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Switches WAL and waits until the restored cluster archived it.
+    fn archive_now(&self) {
+        let last = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
+        wait_for("the restored cluster to archive", ARCHIVE_TIMEOUT, || {
+            let archived = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            (archived >= last).then_some(())
+        });
+    }
+
     fn ids(&self) -> String {
         self.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM markers")
     }
@@ -331,11 +340,7 @@ fn timelines(bin: &PgBin, src: &mut Source, seed: u64) {
         )));
         std::thread::sleep(Duration::from_millis(15));
     }
-    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_for("timeline 2 to be archived", ARCHIVE_TIMEOUT, || {
-        let archived = r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        (archived >= last).then_some(())
-    });
+    r1.archive_now();
     assert_eq!(
         r1.sql("SELECT failed_count FROM pg_stat_archiver"),
         "0",
@@ -632,11 +637,7 @@ fn life_after_a_restore(kind: Option<S3Kind>) {
     r1.sql("INSERT INTO markers VALUES (105, 2)");
     let xid_105 = r1.sql("SELECT xmin::text FROM markers WHERE id = 105");
     r1.sql("INSERT INTO markers VALUES (106, 2)");
-    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
-    wait_for("timeline 2 to be archived", ARCHIVE_TIMEOUT, || {
-        let archived = r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        (archived >= last).then_some(())
-    });
+    r1.archive_now();
     drop(r1);
 
     let tl2_to = |what: &str, target: &[&str], want: &str| {
