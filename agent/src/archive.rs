@@ -280,8 +280,10 @@ pub async fn wal_push(
     // Markers name the repository by endpoint, URL and owning cluster: the
     // same URL on another endpoint, or a repository replaced at the same
     // URL, never inherits them.
-    let identity = format!("{} {} {cluster}", repo.storage.endpoint(), repo.url);
-    let markers = Arc::new(Markers::new(spool.join("archived"), &identity));
+    let markers = Arc::new(Markers::new(
+        spool.join("archived"),
+        &repo_identity(repo, cluster),
+    ));
     // Decide first whether the requested file still needs compressing, so
     // that the cores are split between the files that really do.
     let done_earlier = markers.take_if_current(&name, path).is_some();
@@ -569,7 +571,7 @@ pub async fn wal_fetch(
         .clone()
         .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
     let owner = catalog::read_repository(&repo.storage, &repo.url).await?;
-    let identity = repo_identity(repo, &owner);
+    let identity = repo_identity(repo, &owner.system_identifier);
     let prefetch_dir = (cfg.prefetch > 0)
         .then(|| PrefetchDir::open(&spool, &identity))
         .flatten();
@@ -578,7 +580,7 @@ pub async fn wal_fetch(
     let outcome = if spooled == Some(true) {
         FetchOutcome::Prefetched
     } else {
-        let _digest = download_to(repo, &name, dest).await?;
+        download_to(repo, &name, dest).await?;
         FetchOutcome::Downloaded
     };
     let request = (cfg.prefetch > 0 && name.kind() == WalFileKind::Segment)
@@ -592,14 +594,13 @@ pub async fn wal_fetch(
     Ok((outcome, request))
 }
 
-/// What names a repository in the spool: endpoint, URL and the owning
-/// cluster's system identifier.
-fn repo_identity(repo: &Repo, owner: &catalog::RepositoryOwner) -> String {
+/// What names a repository in the spool (markers and prefetch tag):
+/// endpoint, URL and the owning cluster's system identifier.
+fn repo_identity(repo: &Repo, system_identifier: impl std::fmt::Display) -> String {
     format!(
-        "{} {} {}",
+        "{} {} {system_identifier}",
         repo.storage.endpoint(),
-        repo.url,
-        owner.system_identifier
+        repo.url
     )
 }
 
@@ -610,7 +611,8 @@ pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
     let Ok(owner) = catalog::read_repository(&repo.storage, &repo.url).await else {
         return;
     };
-    let Some(dir) = PrefetchDir::open(&req.spool, &repo_identity(repo, &owner)) else {
+    let Some(dir) = PrefetchDir::open(&req.spool, &repo_identity(repo, &owner.system_identifier))
+    else {
         return;
     };
     let Ok(lock) = std::fs::OpenOptions::new()
@@ -683,8 +685,9 @@ impl PrefetchDir {
     }
 
     /// Moves the spooled `name` to `dest` if it still hashes to the digest
-    /// recorded when it was verified, durably (fsync, rename, fsync of the
-    /// directory). `None` or `Some(false)`: download instead.
+    /// recorded when it was verified, durably (the file was fsynced when it
+    /// was spooled; the rename, then the directory). `None` or
+    /// `Some(false)`: download instead.
     fn take(&self, name: &WalFileName, dest: &Path) -> Option<bool> {
         let file = self.dir.join(name.as_str());
         let sidecar = digest_path(&file);
@@ -696,10 +699,7 @@ impl PrefetchDir {
             let _ = std::fs::remove_file(&file);
             return Some(false);
         }
-        let durable = std::fs::File::open(&file)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&file, dest))
-            .and_then(|()| sync_dir(dest));
+        let durable = std::fs::rename(&file, dest).and_then(|()| sync_dir(dest));
         Some(durable.is_ok())
     }
 

@@ -284,13 +284,9 @@ impl RestorePlan {
                 let stamped_after = (last_in_tar.0..=end.0).map(SegmentNo).find(|s| {
                     let name = WalFileName::segment(WalIndex::timeline_for(&path, *s), *s, seg);
                     // S3 object times have one-second precision.
-                    archived.get(&name).is_some_and(|m| {
-                        TargetTime::from_system_time(*m)
-                            > TargetTime {
-                                micros: t.micros + 1_000_000,
-                                assumed_utc: false,
-                            }
-                    })
+                    archived
+                        .get(&name)
+                        .is_some_and(|m| *m > t.system_time() + std::time::Duration::from_secs(1))
                 });
                 if let Some(s) = stamped_after {
                     end = s;
