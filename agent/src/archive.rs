@@ -321,6 +321,8 @@ pub async fn wal_push(
     };
     while neighbours.join_next().await.is_some() {}
     markers.forget_archived(&wal_dir);
+    // The first push after a promotion empties what the restore's prefetcher left.
+    clear_spool_after_recovery(&cfg.pgdata, &spool);
     outcome
 }
 
@@ -548,6 +550,10 @@ pub struct PrefetchRequest {
     pub segment_size: u32,
     /// The spool directory.
     pub spool: PathBuf,
+    /// The data directory being recovered, when `%p` lies in its `pg_wal`:
+    /// once its recovery has ended, the prefetcher empties the spool
+    /// instead of filling it.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Restores WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`), atomically.
@@ -590,8 +596,36 @@ pub async fn wal_fetch(
             after: name,
             segment_size,
             spool,
+            data_dir: data_dir_of(&dest_dir),
         });
     Ok((outcome, request))
+}
+
+/// The data directory holding `wal_dir`, if `wal_dir` is its `pg_wal`
+/// (PostgreSQL runs `restore_command` in the data directory, with `%p`
+/// relative to it).
+fn data_dir_of(wal_dir: &Path) -> Option<PathBuf> {
+    if wal_dir.file_name()? != "pg_wal" {
+        return None;
+    }
+    match wal_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => std::path::absolute(p).ok(),
+        _ => std::env::current_dir().ok(),
+    }
+}
+
+/// Removes the prefetch spool if the recovery it served has ended: after
+/// promotion nothing will take those files, and nothing else removes them.
+/// Returns whether recovery has ended.
+pub fn clear_spool_after_recovery(data_dir: &Path, spool: &Path) -> bool {
+    if !pgdata::recovery_ended(data_dir) {
+        return false;
+    }
+    let dir = spool.join("prefetch");
+    if std::fs::remove_dir_all(&dir).is_ok() {
+        tracing::info!(spool = %dir.display(), "recovery has ended: emptied the prefetch spool");
+    }
+    true
 }
 
 /// What names a repository in the spool (markers and prefetch tag):
@@ -608,6 +642,14 @@ fn repo_identity(repo: &Repo, system_identifier: impl std::fmt::Display) -> Stri
 /// prefetcher holds the spool's lock. Errors are logged, never returned: the
 /// foreground `wal-fetch` downloads anything that is missing.
 pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
+    let recovery_ended = || {
+        req.data_dir
+            .as_deref()
+            .is_some_and(|d| clear_spool_after_recovery(d, &req.spool))
+    };
+    if recovery_ended() {
+        return;
+    }
     let Ok(owner) = catalog::read_repository(&repo.storage, &repo.url).await else {
         return;
     };
@@ -651,6 +693,9 @@ pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
         .buffer_unordered(PREFETCH_CONCURRENCY)
         .collect::<()>()
         .await;
+    // Recovery may have ended while this ran (the last fetch's prefetcher
+    // outlives it): then nothing will take these files.
+    recovery_ended();
     drop(lock);
 }
 

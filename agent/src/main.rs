@@ -220,6 +220,8 @@ struct WalPrefetchArgs {
     spool: PathBuf,
     #[arg(long)]
     count: usize,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -493,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     after,
                     segment_size: args.segment_size,
                     spool: args.spool,
+                    data_dir: args.data_dir,
                 };
                 let task =
                     tokio::spawn(
@@ -537,6 +540,12 @@ fn spawn_prefetcher(repo: &RepoArgs, request: &PrefetchRequest, count: usize) {
         .arg(&request.spool)
         .arg("--count")
         .arg(count.to_string())
+        .args(
+            request
+                .data_dir
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--data-dir"), d.as_os_str()]),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -45,3 +45,33 @@ pub fn ready_files(wal_dir: &Path) -> io::Result<Vec<WalFileName>> {
 pub fn archive_status(wal_dir: &Path) -> PathBuf {
     wal_dir.join("archive_status")
 }
+
+/// Whether `pgdata` is a data directory whose archive recovery has ended:
+/// it holds `PG_VERSION` and neither `recovery.signal` nor `standby.signal`
+/// (PostgreSQL removes them when recovery ends). `false` for anything that
+/// is not a data directory, so that a caller never acts on a guess.
+#[must_use]
+pub fn recovery_ended(pgdata: &Path) -> bool {
+    pgdata.join("PG_VERSION").is_file()
+        && !pgdata.join("recovery.signal").exists()
+        && !pgdata.join("standby.signal").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_ends_when_the_signal_files_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!recovery_ended(dir.path()), "not a data directory");
+        std::fs::write(dir.path().join("PG_VERSION"), "15\n").expect("write");
+        std::fs::write(dir.path().join("recovery.signal"), "").expect("write");
+        assert!(!recovery_ended(dir.path()));
+        std::fs::remove_file(dir.path().join("recovery.signal")).expect("rm");
+        std::fs::write(dir.path().join("standby.signal"), "").expect("write");
+        assert!(!recovery_ended(dir.path()));
+        std::fs::remove_file(dir.path().join("standby.signal")).expect("rm");
+        assert!(recovery_ended(dir.path()));
+    }
+}

@@ -29,9 +29,12 @@ fn prefetches_the_next_segments_into_the_spool() {
         );
     }
 
+    // A data directory in archive recovery (PG_VERSION and recovery.signal).
     let restore = user_tempdir(user, "restore");
     let pg_wal = restore.path().join("pg_wal");
     std::fs::create_dir(&pg_wal).expect("mkdir");
+    std::fs::write(restore.path().join("PG_VERSION"), "15\n").expect("PG_VERSION");
+    std::fs::write(restore.path().join("recovery.signal"), "").expect("signal");
     user.chown_tree(&pg_wal);
     let fetch = |name: &str| {
         run_ok(
@@ -70,6 +73,16 @@ fn prefetches_the_next_segments_into_the_spool() {
     wait_for("the window to slide", Duration::from_secs(30), || {
         spool.join(&names[4]).is_file().then_some(())
     });
+
+    // Recovery ends (PostgreSQL removes recovery.signal) while a prefetcher
+    // is still to run: it empties the spool instead of filling it.
+    std::fs::remove_file(restore.path().join("recovery.signal")).expect("end recovery");
+    fetch(&names[2]);
+    wait_for(
+        "the prefetcher to empty the spool after recovery ended",
+        Duration::from_secs(30),
+        || (!spool.exists()).then_some(()),
+    );
 }
 
 /// `wal-fetch`'s exit codes (issue 11): PostgreSQL reads 1-125 as "not in

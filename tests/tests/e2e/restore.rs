@@ -638,6 +638,14 @@ fn life_after_a_restore(kind: Option<S3Kind>) {
     let xid_105 = r1.sql("SELECT xmin::text FROM markers WHERE id = 105");
     r1.sql("INSERT INTO markers VALUES (106, 2)");
     r1.archive_now();
+    // Recovery has ended: whatever the restore's prefetcher spooled ahead of
+    // the target is removed (by the first push, or the prefetcher itself).
+    let spool = r1.data.join("pg_wal/pitr_spool/prefetch");
+    wait_for(
+        "the prefetch spool to be emptied after promotion",
+        Duration::from_secs(30),
+        || (!spool.exists()).then_some(()),
+    );
     drop(r1);
 
     let tl2_to = |what: &str, target: &[&str], want: &str| {
