@@ -17,6 +17,8 @@ use rand::{Rng, SeedableRng};
 
 use super::{Setup, pg_bin};
 
+mod under_load;
+
 /// One committed marker row and where it landed.
 #[derive(Debug, Clone)]
 struct Marker {
@@ -43,7 +45,13 @@ impl std::ops::Deref for Source {
 
 impl Source {
     fn start(bin: &PgBin, kind: Option<S3Kind>) -> Option<Self> {
-        let conf = ["track_commit_timestamp = on"];
+        Self::start_with(bin, kind, &[])
+    }
+
+    /// `start`, with extra `postgresql.conf` lines.
+    fn start_with(bin: &PgBin, kind: Option<S3Kind>, extra: &[&str]) -> Option<Self> {
+        let mut conf = vec!["track_commit_timestamp = on"];
+        conf.extend_from_slice(extra);
         let setup = match kind {
             None => Setup::file_with(bin, &conf),
             Some(kind) => Setup::s3_with(bin, kind, "pitr", &conf)?,
