@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use crate::catalog::{self, OwnerError};
 use crate::compress::{self, GzipError, Sha256Digest};
 use crate::pgdata;
+use crate::repository::Repository;
 use crate::storage::{PutMode, Storage, StorageError};
 use crate::wal::{self, WalFileKind, WalFileName};
 
@@ -191,7 +192,7 @@ pub const DEFAULT_FETCH_RETRY_FOR: std::time::Duration = std::time::Duration::fr
 /// As [`wal_fetch`]: the last error once `retry_for` has passed, or the first
 /// one that retrying cannot fix.
 pub async fn wal_fetch_retrying(
-    repo: &Repo,
+    repo: &Repository,
     name: &str,
     dest: &Path,
     cfg: &FetchConfig,
@@ -223,6 +224,8 @@ pub struct PushConfig {
     pub pgdata: PathBuf,
     /// Where markers live; by default `pitr_spool` beside the WAL file.
     pub spool: Option<PathBuf>,
+    /// Create the repository if it does not exist (`PITR_INIT=auto`).
+    pub auto_init: bool,
     /// Files pushed at once, the requested one included.
     pub parallel: usize,
     /// gzip level, 1-9.
@@ -240,21 +243,12 @@ pub enum PushOutcome {
     PushedEarlier,
 }
 
-/// The repository a command works on, with its URL for messages and markers.
-#[derive(Debug, Clone)]
-pub struct Repo {
-    /// The store.
-    pub storage: Storage,
-    /// The URL as configured.
-    pub url: String,
-}
-
 /// Archives the WAL file at `path` (PostgreSQL's `%p`).
 ///
 /// # Errors
 /// See [`ArchiveError`]; on any error nothing is reported archived.
 pub async fn wal_push(
-    repo: &Repo,
+    repo: &Repository,
     path: &Path,
     cfg: &PushConfig,
 ) -> Result<PushOutcome, ArchiveError> {
@@ -269,20 +263,15 @@ pub async fn wal_push(
         .spool
         .clone()
         .unwrap_or_else(|| wal_dir.join(SPOOL_DIR_NAME));
-    catalog::ensure_owner(
-        &repo.storage,
-        &repo.url,
-        cluster,
-        &spool.join("repository-owner"),
-    )
-    .await?;
+    repo.claim(cluster, &spool.join("repository-owner"), cfg.auto_init)
+        .await?;
 
     // Markers name the repository by endpoint, URL and owning cluster: the
     // same URL on another endpoint, or a repository replaced at the same
     // URL, never inherits them.
     let markers = Arc::new(Markers::new(
         spool.join("archived"),
-        &repo_identity(repo, cluster),
+        &repo.identity(Some(&cluster.to_string())),
     ));
     // Decide first whether the requested file still needs compressing, so
     // that the cores are split between the files that really do.
@@ -352,7 +341,7 @@ struct Compression {
 }
 
 async fn push_file(
-    repo: &Repo,
+    repo: &Repository,
     name: &WalFileName,
     path: &Path,
     cluster: u64,
@@ -562,7 +551,7 @@ pub struct PrefetchRequest {
 /// [`ArchiveError::NotInRepository`] when the file does not exist, which
 /// PostgreSQL expects at the end of the archive; other variants are real failures.
 pub async fn wal_fetch(
-    repo: &Repo,
+    repo: &Repository,
     name: &str,
     dest: &Path,
     cfg: &FetchConfig,
@@ -576,8 +565,8 @@ pub async fn wal_fetch(
         .spool
         .clone()
         .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
-    let owner = catalog::read_repository(&repo.storage, &repo.url).await?;
-    let identity = repo_identity(repo, &owner.system_identifier);
+    let owner = repo.owner().await?;
+    let identity = repo.identity(owner.system_identifier.as_deref());
     let prefetch_dir = (cfg.prefetch > 0)
         .then(|| PrefetchDir::open(&spool, &identity))
         .flatten();
@@ -628,20 +617,10 @@ pub fn clear_spool_after_recovery(data_dir: &Path, spool: &Path) -> bool {
     true
 }
 
-/// What names a repository in the spool (markers and prefetch tag):
-/// endpoint, URL and the owning cluster's system identifier.
-fn repo_identity(repo: &Repo, system_identifier: impl std::fmt::Display) -> String {
-    format!(
-        "{} {} {system_identifier}",
-        repo.storage.endpoint(),
-        repo.url
-    )
-}
-
 /// Fills the spool with the `count` segments after `req.after`, unless another
 /// prefetcher holds the spool's lock. Errors are logged, never returned: the
 /// foreground `wal-fetch` downloads anything that is missing.
-pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
+pub async fn prefetch(repo: &Repository, req: &PrefetchRequest, count: usize) {
     let recovery_ended = || {
         req.data_dir
             .as_deref()
@@ -650,11 +629,13 @@ pub async fn prefetch(repo: &Repo, req: &PrefetchRequest, count: usize) {
     if recovery_ended() {
         return;
     }
-    let Ok(owner) = catalog::read_repository(&repo.storage, &repo.url).await else {
+    let Ok(owner) = repo.owner().await else {
         return;
     };
-    let Some(dir) = PrefetchDir::open(&req.spool, &repo_identity(repo, &owner.system_identifier))
-    else {
+    let Some(dir) = PrefetchDir::open(
+        &req.spool,
+        &repo.identity(owner.system_identifier.as_deref()),
+    ) else {
         return;
     };
     let Ok(lock) = std::fs::OpenOptions::new()
@@ -783,7 +764,7 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 /// Downloads, decompresses and verifies `name` into `dest` through a temp
 /// file, durably; returns the content's digest.
 async fn download_to(
-    repo: &Repo,
+    repo: &Repository,
     name: &WalFileName,
     dest: &Path,
 ) -> Result<Sha256Digest, ArchiveError> {

@@ -1,12 +1,12 @@
 //! Flags and environment variables shared by `pitr-agent` and `pgrestore`,
-//! and the logging setup. Turns raw arguments into a [`Repo`] before any work.
+//! and the logging setup. Turns raw arguments into a [`Repository`] before any work.
 
 use std::time::Duration;
 
 use clap::Args;
 use tracing_subscriber::EnvFilter;
 
-use crate::archive::Repo;
+use crate::repository::Repository;
 use crate::storage::{DEFAULT_REPO, RepoUrl, S3Options, Storage, StorageError};
 
 /// Where the repository is and how to reach it.
@@ -37,7 +37,7 @@ impl RepoArgs {
     ///
     /// # Errors
     /// A malformed URL or an unusable local directory.
-    pub async fn open(&self) -> Result<Repo, StorageError> {
+    pub async fn open(&self) -> Result<Repository, StorageError> {
         let url = RepoUrl::parse(&self.repo)?;
         let options = S3Options {
             endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
@@ -47,7 +47,7 @@ impl RepoArgs {
             attempt_timeout: self.s3_timeout,
             max_attempts: self.s3_max_attempts,
         };
-        Ok(Repo {
+        Ok(Repository {
             storage: Storage::open(&url, &options).await?,
             url: url.to_string(),
         })

@@ -2,6 +2,7 @@
 //!
 //! This library is shared by the `pitr-agent` and `pgrestore` binaries. Start here:
 //! - [`wal`]: LSNs, timelines, WAL file names, `.history` files;
+//! - [`repository`]: the repository every command works on: its owner, `init`;
 //! - [`storage`]: the repository's object store (`file://`, `s3://`);
 //! - [`catalog`]: the repository layout, its owner record, backup records, retention;
 //! - [`compress`]: gzip with an embedded SHA-256;
@@ -28,6 +29,7 @@ pub mod pgconn;
 pub mod pgdata;
 pub mod prune;
 pub mod report;
+pub mod repository;
 pub mod restore;
 pub mod storage;
 pub mod verify;

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use pitr_agent::archive::{self, FetchConfig, PrefetchRequest, PushConfig};
 use pitr_agent::backup::{self, BackupConfig, Checkpoint};
+use pitr_agent::catalog::InitOutcome;
 use pitr_agent::catalog::backup::{BackupId, Catalog};
 use pitr_agent::catalog::retention::{RetentionPlan, RetentionPolicy};
 use pitr_agent::cli::{RepoArgs, init_tracing};
@@ -33,6 +34,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the repository (idempotent). Run it once, e.g. in the agent's init container.
+    Init(InitArgs),
     /// Archive one WAL file. Use as: archive_command = 'pitr-agent wal-push %p'
     WalPush(WalPushArgs),
     /// Restore one WAL file. Use as: restore_command = 'pitr-agent wal-fetch %f %p'
@@ -53,6 +56,36 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// Record this data directory's cluster as the owner [default: none yet;
+    /// the first wal-push or backup claims the repository].
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<PathBuf>,
+}
+
+/// Whether a write may create a missing repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InitMode {
+    /// Refuse: a missing repository is a wrong URL or an unmounted volume.
+    Never,
+    /// Create it, as `pitr-agent init` would (for demos and docker-compose).
+    Auto,
+}
+
+#[derive(Debug, clap::Args)]
+struct InitModeArg {
+    /// Whether wal-push and backup may create a missing repository.
+    #[arg(long = "init", env = "PITR_INIT", value_enum, default_value_t = InitMode::Never)]
+    init: InitMode,
+}
+
+impl InitModeArg {
+    fn auto(&self) -> bool {
+        self.init == InitMode::Auto
+    }
+}
+
+#[derive(Debug, clap::Args)]
 struct WalPushArgs {
     /// The WAL file, as PostgreSQL's %p (relative to the data directory).
     path: PathBuf,
@@ -70,6 +103,8 @@ struct WalPushArgs {
     /// Spool directory for markers [default: pitr_spool beside the WAL file].
     #[arg(long, env = "PITR_SPOOL")]
     spool: Option<PathBuf>,
+    #[command(flatten)]
+    init: InitModeArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +130,8 @@ struct WalFetchArgs {
 struct BackupArgs {
     #[command(flatten)]
     pg: PgArgs,
+    #[command(flatten)]
+    init: InitModeArg,
     /// How the backup's checkpoint is taken.
     #[arg(long, env = "PITR_BACKUP_CHECKPOINT", value_enum, default_value_t = Checkpoint::Fast)]
     checkpoint: Checkpoint,
@@ -166,6 +203,8 @@ struct PruneArgs {
 struct DaemonArgs {
     #[command(flatten)]
     pg: PgArgs,
+    #[command(flatten)]
+    init: InitModeArg,
     /// Address for /healthz /readyz /status /metrics (postgres_exporter uses 9187).
     #[arg(long, env = "PITR_LISTEN", default_value = "0.0.0.0:9188")]
     listen: std::net::SocketAddr,
@@ -278,6 +317,43 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Init(args) => {
+            let repo = cli.repo.open().await?;
+            let cluster = match &args.pgdata {
+                Some(dir) => match pitr_agent::pgdata::system_identifier(dir) {
+                    Ok(id) => Some(id),
+                    // An init container runs before initdb: the first push claims it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot read {}", dir.join("global/pg_control").display())
+                        });
+                    }
+                },
+                None => None,
+            };
+            let outcome = repo
+                .init(cluster)
+                .await
+                .with_context(|| format!("init {}", repo.url))?;
+            let owned_by = |o: &pitr_agent::catalog::RepositoryOwner| match &o.system_identifier {
+                Some(id) => format!("owned by the cluster with system identifier {id}"),
+                None => "no owner yet: the first wal-push or backup claims it".to_owned(),
+            };
+            match &outcome {
+                InitOutcome::Created(o) => {
+                    println!("created repository {}; {}", repo.url, owned_by(o));
+                }
+                InitOutcome::Existed(o) => println!(
+                    "repository {} already exists (created {} by {}); nothing changed; {}",
+                    repo.url,
+                    o.created_at,
+                    o.created_by,
+                    owned_by(o)
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::WalPush(args) => {
             let repo = cli.repo.open().await?;
             let pgdata = match args.pgdata {
@@ -291,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 spool: args.spool,
                 parallel: args.parallel,
                 level: args.compress_level,
+                auto_init: args.init.auto(),
             };
             let outcome = archive::wal_push(&repo, &args.path, &cfg)
                 .await
@@ -341,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads: args.compress_threads.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 }),
+                auto_init: args.init.auto(),
             };
             let events = EventRecorder::from_env().await;
             let result = backup::run_backup(&repo, &pg, &cfg).await;
@@ -369,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List(args) => {
             let repo = cli.repo.open().await?;
-            pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
+            repo.owner().await?;
             let catalog = Catalog::load(&repo.storage)
                 .await
                 .with_context(|| format!("list {}", repo.url))?;
@@ -383,7 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify(args) => {
             let repo = cli.repo.open().await?;
-            pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
+            repo.owner().await?;
             let catalog = Catalog::load(&repo.storage)
                 .await
                 .with_context(|| format!("verify {}", repo.url))?;
@@ -407,6 +485,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Prune(args) => {
             let repo = cli.repo.open().await?;
+            repo.owner().await?;
             let catalog = Catalog::load(&repo.storage)
                 .await
                 .with_context(|| format!("prune {}", repo.url))?;
@@ -466,6 +545,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_rate: args.max_rate,
                     level: DEFAULT_LEVEL,
                     threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                    auto_init: args.init.auto(),
                 },
                 retention: RetentionPolicy {
                     retain_full: args.retain_full,

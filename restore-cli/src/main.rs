@@ -139,7 +139,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(Command::List { json }) = cli.command {
         let repo = cli.repo.open().await?;
-        pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
+        repo.owner().await?;
         let catalog = Catalog::load(&repo.storage)
             .await
             .with_context(|| format!("list {}", repo.url))?;
@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let agent = find_agent(args.agent.as_deref())?;
 
     let repo = cli.repo.open().await?;
-    pitr_agent::catalog::read_repository(&repo.storage, &repo.url).await?;
+    repo.owner().await?;
     let catalog = Catalog::load(&repo.storage)
         .await
         .with_context(|| format!("read the catalog of {}", repo.url))?;
@@ -359,7 +359,7 @@ fn local_reading(t: &TargetTime) -> Option<String> {
 }
 
 async fn restore_files(
-    repo: &pitr_agent::archive::Repo,
+    repo: &pitr_agent::repository::Repository,
     plan: &RestorePlan,
     dir: &Path,
     existed: bool,

@@ -148,7 +148,8 @@ fn main() {
                 |seg, dest| {
                     let mut c = Command::new(&agent_bin);
                     c.args(["--repo", &format!("file://{dest}"), "wal-push", seg])
-                        .env("PITR_ARCHIVE_PARALLEL", parallel.to_string());
+                        .env("PITR_ARCHIVE_PARALLEL", parallel.to_string())
+                        .env("PITR_INIT", "auto");
                     c
                 },
             ));

@@ -131,7 +131,8 @@ fn main() {
     let dir = work.path().join("pitr");
     let repo = format!("file://{}", dir.display());
     let mut c = Command::new(agent());
-    c.args(["--repo", &repo, "backup", "--json"]);
+    c.args(["--repo", &repo, "backup", "--json"])
+        .env("PITR_INIT", "auto");
     rows.push(run(
         &format!("pitr-agent backup ({cores} threads)"),
         c,
@@ -143,7 +144,8 @@ fn main() {
         "--repo",
         &format!("file://{}", work.path().join("pitr1").display()),
     ])
-    .args(["backup", "--compress-threads", "1"]);
+    .args(["backup", "--compress-threads", "1"])
+    .env("PITR_INIT", "auto");
     rows.push(run(
         "pitr-agent backup (1 thread)",
         c,

@@ -53,6 +53,7 @@ fn main() {
             archive_command: Some(String::new()),
             env: vec![
                 ("PITR_REPO".into(), repo.clone()),
+                ("PITR_INIT".into(), "auto".into()),
                 ("BENCH_ARCHIVE".into(), "1".into()),
             ],
             conf: vec![

@@ -104,6 +104,17 @@ pub fn agent_cmd(user: RunAs) -> Command {
     cmd
 }
 
+/// `pitr-agent --repo REPO init` as `user` with `env` (S3 settings): what an
+/// operator's init container does before PostgreSQL first archives.
+pub fn init_repo(user: RunAs, repo: &str, env: &[(String, String)]) {
+    run_ok(
+        agent_cmd(user)
+            .envs(env.iter().cloned())
+            .args(["--repo", repo, "init"]),
+        "pitr-agent init",
+    );
+}
+
 /// Runs `cmd` and asserts that it succeeded, showing its stderr if not.
 pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
     let out = cmd

@@ -23,13 +23,13 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use crate::archive::Repo;
+use crate::catalog::OwnerError;
 use crate::catalog::backup::{
     BackupId, BackupRecord, DATA_FILE, MANIFEST_FILE, RECORD_FILE, RECORD_FORMAT, STARTED_FILE,
     StoredObject,
 };
-use crate::catalog::{OwnerError, ensure_owner};
 use crate::pgconn::{PgError, PgTarget};
+use crate::repository::Repository;
 use crate::storage::{PutMode, StorageError};
 use crate::wal::{Lsn, WalFileName};
 use manifest::{BackupLabel, PgManifest};
@@ -58,6 +58,8 @@ pub struct BackupConfig {
     pub level: u32,
     /// Compression threads.
     pub threads: usize,
+    /// Create the repository if it does not exist (`PITR_INIT=auto`).
+    pub auto_init: bool,
 }
 
 /// Why a backup failed. None of these leaves a listed backup behind.
@@ -171,7 +173,7 @@ impl Captured {
 /// [`BackupError`]; on any error after the first write the partial backup is
 /// removed (or, if that fails too, left without `backup.json` for `prune`).
 pub async fn run_backup(
-    repo: &Repo,
+    repo: &Repository,
     pg: &PgTarget,
     cfg: &BackupConfig,
 ) -> Result<BackupRecord, BackupError> {
@@ -222,7 +224,7 @@ pub async fn run_backup(
         "pitr-agent-owner-{}",
         &hex::encode(Sha256::digest(repo.url.as_bytes()))[..16]
     ));
-    ensure_owner(&repo.storage, &repo.url, system_identifier, &cache).await?;
+    repo.claim(system_identifier, &cache, cfg.auto_init).await?;
 
     let locked = pg
         .query_text(
@@ -309,7 +311,7 @@ pub async fn run_backup(
 }
 
 /// An id for `time` not used yet in the repository.
-async fn free_id(repo: &Repo, time: SystemTime) -> Result<BackupId, StorageError> {
+async fn free_id(repo: &Repository, time: SystemTime) -> Result<BackupId, StorageError> {
     let base = BackupId::at(time);
     for n in 0..100 {
         let id = if n == 0 {
@@ -347,7 +349,7 @@ struct Facts {
 }
 
 async fn stream_backup(
-    repo: &Repo,
+    repo: &Repository,
     pg: &PgTarget,
     cfg: &BackupConfig,
     id: &BackupId,
@@ -466,7 +468,7 @@ async fn stream_backup(
 }
 
 async fn commit(
-    repo: &Repo,
+    repo: &Repository,
     id: &BackupId,
     taken: Taken,
     facts: Facts,

@@ -1,16 +1,23 @@
-//! Which PostgreSQL cluster owns a repository.
+//! Which PostgreSQL cluster owns a repository, and how a repository comes to be.
 //!
-//! The first push records the cluster's system identifier in
-//! `pitr-repository.json` (create-only). Every later push compares it, so a
-//! reused bucket or a copied configuration can never mix two clusters' WAL.
-//! A restored cluster keeps its system identifier and may keep archiving.
+//! A repository exists once `pitr-repository.json` does: `pitr-agent init`
+//! writes it (create-only, idempotent), never a push or a backup by accident,
+//! so that an unmounted volume or a mistyped URL is an error instead of a
+//! new, empty archive. `PITR_INIT=auto` lets the first push or backup create it.
+//!
+//! The owner is the cluster whose system identifier the record holds. `init`
+//! often runs before the cluster exists (an init container before `initdb`);
+//! then the first push or backup claims the repository by writing
+//! `pitr-owner.json`, create-only. Every later push compares, so a reused
+//! bucket or a copied configuration can never mix two clusters' WAL. A
+//! restored cluster keeps its system identifier and may keep archiving.
 
 use std::path::Path;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::OWNER_KEY;
+use super::{CLAIM_KEY, OWNER_KEY};
 use crate::storage::{ObjectKey, PutMode, Storage, StorageError};
 
 /// The repository format this build writes and reads.
@@ -23,11 +30,24 @@ pub struct RepositoryOwner {
     /// Repository format version.
     pub format: u32,
     /// The owner's system identifier, as a decimal string (it exceeds 2^53).
-    pub system_identifier: String,
+    /// `None` in the record when `init` ran before the cluster existed; then
+    /// [`read_repository`] fills it from `pitr-owner.json` once claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
     /// When the repository was first written, RFC 3339.
     pub created_at: String,
     /// The tool and version that created it.
     pub created_by: String,
+}
+
+/// The contents of `pitr-owner.json`: the first cluster to use a repository
+/// that `init` created without one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OwnerClaim {
+    system_identifier: String,
+    claimed_at: String,
+    claimed_by: String,
 }
 
 /// Why a repository cannot be used by this cluster.
@@ -60,9 +80,9 @@ pub enum OwnerError {
     },
     /// Nothing at the URL is a pitr-agent repository.
     #[error(
-        "no pitr-agent repository at {url} ({OWNER_KEY} is missing): check PITR_REPO / --repo \
-         (and, for file://, that the volume is mounted); a repository is created by the first \
-         `pitr-agent wal-push` or `pitr-agent backup` of its cluster"
+        "no repository at {url} ({OWNER_KEY} is missing): run `pitr-agent init` to create it, \
+         or set PITR_REPO / --repo to the repository's URL (for file://, check that the volume \
+         is mounted)"
     )]
     NoRepository {
         /// The URL.
@@ -73,6 +93,84 @@ pub enum OwnerError {
     Storage(#[from] StorageError),
 }
 
+/// What `init` found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitOutcome {
+    /// The repository was created now.
+    Created(RepositoryOwner),
+    /// It existed already; nothing was written.
+    Existed(RepositoryOwner),
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+const CREATED_BY: &str = concat!("pitr-agent ", env!("CARGO_PKG_VERSION"));
+
+/// Creates the repository at `url` if it does not exist: the root (for
+/// `file://`) and `pitr-repository.json`, naming `system_identifier` as the
+/// owner when it is known. Idempotent: an existing repository is left as it
+/// is, provided it does not belong to another cluster.
+///
+/// # Errors
+/// [`OwnerError::OtherCluster`] when `system_identifier` is given and the
+/// repository belongs to another cluster; storage failures (a missing bucket,
+/// no permission to write).
+pub async fn init_repository(
+    storage: &Storage,
+    url: &str,
+    system_identifier: Option<u64>,
+) -> Result<InitOutcome, OwnerError> {
+    let existing = match read_repository(storage, url).await {
+        Ok(owner) => Some(owner),
+        Err(OwnerError::NoRepository { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let outcome = match existing {
+        Some(owner) => InitOutcome::Existed(owner),
+        None => {
+            storage.create_root().await?;
+            let record = RepositoryOwner {
+                format: FORMAT_VERSION,
+                system_identifier: system_identifier.map(|id| id.to_string()),
+                created_at: now_rfc3339(),
+                created_by: CREATED_BY.to_owned(),
+            };
+            let body = serde_json::to_vec_pretty(&record).expect("serializable");
+            let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+            match storage
+                .put(&key, Bytes::from(body), PutMode::CreateOnly)
+                .await
+            {
+                Ok(()) => InitOutcome::Created(record),
+                // Another init won the race: use what it wrote.
+                Err(StorageError::AlreadyExists(_)) => {
+                    InitOutcome::Existed(read_repository(storage, url).await?)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if let Some(ours) = system_identifier {
+        let owner = match &outcome {
+            InitOutcome::Created(o) | InitOutcome::Existed(o) => o,
+        };
+        match &owner.system_identifier {
+            Some(theirs) if *theirs != ours.to_string() => {
+                return Err(OwnerError::OtherCluster {
+                    url: url.to_owned(),
+                    owner: theirs.clone(),
+                    ours,
+                });
+            }
+            Some(_) => {}
+            None => claim(storage, url, ours).await?,
+        }
+    }
+    Ok(outcome)
+}
+
 /// Reads the owner record of the repository at `url`. Read-only commands
 /// (`list`, `verify`, `wal-fetch`, `pgrestore`) call this first, so that a
 /// wrong URL or an unmounted volume is named instead of looking empty.
@@ -81,61 +179,69 @@ pub enum OwnerError {
 /// [`OwnerError::NoRepository`] when there is no record; storage failures.
 pub async fn read_repository(storage: &Storage, url: &str) -> Result<RepositoryOwner, OwnerError> {
     let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    read_owner(storage, &key)
+    let mut owner = read_owner(storage, &key)
         .await?
         .ok_or_else(|| OwnerError::NoRepository {
             url: url.to_owned(),
-        })
+        })?;
+    if owner.system_identifier.is_none() {
+        owner.system_identifier = read_claim(storage).await?.map(|c| c.system_identifier);
+    }
+    Ok(owner)
 }
 
-/// Makes sure `storage` belongs to the cluster `system_identifier`, recording it
-/// if the repository is new. A positive answer is cached in `cache_file`.
+/// Makes sure `storage` belongs to the cluster `system_identifier`, claiming
+/// it if `init` created it without an owner. Without a repository it fails
+/// with [`OwnerError::NoRepository`], unless `create` (`PITR_INIT=auto`)
+/// allows creating one. A positive answer is cached in `cache_file`, if given.
 ///
 /// # Errors
-/// [`OwnerError::OtherCluster`] if another cluster owns the repository.
+/// [`OwnerError::OtherCluster`] if another cluster owns the repository;
+/// [`OwnerError::NoRepository`] if there is none and `create` is false.
 pub async fn ensure_owner(
     storage: &Storage,
     repo_url: &str,
     system_identifier: u64,
-    cache_file: &Path,
+    cache_file: Option<&Path>,
+    create: bool,
 ) -> Result<(), OwnerError> {
-    let cached = format!("{repo_url}\n{system_identifier}\n");
-    if std::fs::read_to_string(cache_file).is_ok_and(|c| c == cached) {
+    let cached = format!("{}\n{repo_url}\n{system_identifier}\n", storage.endpoint());
+    if cache_file.is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|c| c == cached)) {
         return Ok(());
     }
-    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    let owner = match read_owner(storage, &key).await? {
-        Some(owner) => owner,
-        None => {
-            let record = RepositoryOwner {
-                format: FORMAT_VERSION,
-                system_identifier: system_identifier.to_string(),
-                created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                    .to_string(),
-                created_by: concat!("pitr-agent ", env!("CARGO_PKG_VERSION")).to_owned(),
-            };
-            let body = serde_json::to_vec_pretty(&record).expect("serializable");
-            match storage
-                .put(&key, Bytes::from(body), PutMode::CreateOnly)
-                .await
-            {
-                Ok(()) => record,
-                Err(StorageError::AlreadyExists(_)) => read_owner(storage, &key)
-                    .await?
-                    .ok_or_else(|| StorageError::NotFound(storage.location(&key)))?,
-                Err(e) => return Err(e.into()),
+    let owner = match read_repository(storage, repo_url).await {
+        Err(OwnerError::NoRepository { .. }) if create => {
+            match init_repository(storage, repo_url, Some(system_identifier)).await? {
+                InitOutcome::Created(owner) => {
+                    tracing::info!(
+                        repository = repo_url,
+                        "PITR_INIT=auto: created the repository"
+                    );
+                    owner
+                }
+                InitOutcome::Existed(owner) => owner,
             }
         }
+        other => other?,
     };
-    if owner.system_identifier != system_identifier.to_string() {
+    let owner = match owner.system_identifier {
+        Some(id) => id,
+        None => {
+            claim(storage, repo_url, system_identifier).await?;
+            system_identifier.to_string()
+        }
+    };
+    if owner != system_identifier.to_string() {
         return Err(OwnerError::OtherCluster {
             url: repo_url.to_owned(),
-            owner: owner.system_identifier,
+            owner,
             ours: system_identifier,
         });
     }
     // The cache only saves a round trip; failing to write it is harmless.
-    if let Some(dir) = cache_file.parent() {
+    if let Some(cache_file) = cache_file
+        && let Some(dir) = cache_file.parent()
+    {
         let _ = std::fs::create_dir_all(dir);
         let tmp = cache_file.with_extension("tmp");
         if std::fs::write(&tmp, cached).is_ok() {
@@ -143,6 +249,58 @@ pub async fn ensure_owner(
         }
     }
     Ok(())
+}
+
+/// Claims an unowned repository for `system_identifier` (create-only); if
+/// another cluster claimed it first, that is an error.
+async fn claim(storage: &Storage, url: &str, system_identifier: u64) -> Result<(), OwnerError> {
+    let record = OwnerClaim {
+        system_identifier: system_identifier.to_string(),
+        claimed_at: now_rfc3339(),
+        claimed_by: CREATED_BY.to_owned(),
+    };
+    let body = serde_json::to_vec_pretty(&record).expect("serializable");
+    let key = ObjectKey::new(CLAIM_KEY).expect("constant key");
+    let owner = match storage
+        .put(&key, Bytes::from(body), PutMode::CreateOnly)
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(
+                repository = url,
+                system_identifier,
+                "claimed the repository for this cluster"
+            );
+            return Ok(());
+        }
+        Err(StorageError::AlreadyExists(_)) => read_claim(storage)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(storage.location(&key)))?,
+        Err(e) => return Err(e.into()),
+    };
+    if owner.system_identifier == system_identifier.to_string() {
+        Ok(())
+    } else {
+        Err(OwnerError::OtherCluster {
+            url: url.to_owned(),
+            owner: owner.system_identifier,
+            ours: system_identifier,
+        })
+    }
+}
+
+async fn read_claim(storage: &Storage) -> Result<Option<OwnerClaim>, OwnerError> {
+    let key = ObjectKey::new(CLAIM_KEY).expect("constant key");
+    match storage.get(&key).await {
+        Ok(body) => serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| OwnerError::Unreadable {
+                location: storage.location(&key),
+                detail: e.to_string(),
+            }),
+        Err(StorageError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn read_owner(

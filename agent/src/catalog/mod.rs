@@ -2,7 +2,9 @@
 //! record of which PostgreSQL cluster owns a repository.
 //!
 //! Layout (see docs/repository.md):
-//! - `pitr-repository.json`: format version and the owner's system identifier;
+//! - `pitr-repository.json`: format version and the owner's system identifier
+//!   (written by `pitr-agent init`);
+//! - `pitr-owner.json`: the owner, when `init` ran before the cluster existed;
 //! - `wal/<walfile>.gz`: every archived WAL file, plain gzip;
 //! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last.
 //!
@@ -13,7 +15,9 @@ pub mod backup;
 mod identity;
 pub mod retention;
 
-pub use identity::{OwnerError, RepositoryOwner, ensure_owner, read_repository};
+pub use identity::{
+    InitOutcome, OwnerError, RepositoryOwner, ensure_owner, init_repository, read_repository,
+};
 
 use crate::storage::ObjectKey;
 use crate::wal::WalFileName;
@@ -21,8 +25,11 @@ use crate::wal::WalFileName;
 /// The key prefix that holds WAL.
 pub const WAL_PREFIX: &str = "wal/";
 
-/// The key of the repository's owner record.
+/// The key of the repository record; a repository exists once it does.
 pub const OWNER_KEY: &str = "pitr-repository.json";
+
+/// The key of the claim the first cluster writes when `init` named no owner.
+pub const CLAIM_KEY: &str = "pitr-owner.json";
 
 /// The key under which a WAL file is stored.
 #[must_use]

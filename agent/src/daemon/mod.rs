@@ -22,13 +22,11 @@ use chrono::Utc;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::Repo;
 use crate::backup::{BackupConfig, run_backup};
-use crate::catalog::OWNER_KEY;
 use crate::catalog::backup::Catalog;
 use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
 use crate::pgconn::PgTarget;
-use crate::storage::ObjectKey;
+use crate::repository::Repository;
 use crate::verify::{Severity, VerifyOptions, verify};
 use events::EventRecorder;
 use metrics::{Job, Kind, Metrics, Outcome, SeverityLabel, Status, epoch};
@@ -63,7 +61,7 @@ pub struct DaemonConfig {
 }
 
 struct Shared {
-    repo: Repo,
+    repo: Repository,
     cfg: DaemonConfig,
     metrics: Metrics,
     registry: Registry,
@@ -83,7 +81,11 @@ struct Shared {
 ///
 /// # Errors
 /// The HTTP port cannot be bound.
-pub async fn run(repo: Repo, cfg: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    repo: Repository,
+    cfg: DaemonConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -379,8 +381,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     {
         problems.push(format!("postgresql: {e:#}"));
     }
-    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    if let Err(e) = shared.repo.storage.head(&key).await {
+    if let Err(e) = shared.repo.owner().await {
         problems.push(format!("repository: {e}"));
     }
     if problems.is_empty() {

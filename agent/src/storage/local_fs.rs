@@ -44,6 +44,11 @@ impl LocalFs {
         &self.root
     }
 
+    pub(super) async fn create_root(&self) -> Result<(), StorageError> {
+        let root = self.root.clone();
+        blocking(move || create_dirs_durable(&root)).await
+    }
+
     fn path(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(key.as_str())
     }
@@ -59,9 +64,9 @@ impl LocalFs {
         mode: PutMode,
     ) -> Result<(), StorageError> {
         let path = self.path(key);
+        let root = self.root.clone();
         blocking(move || {
-            let dir = parent(&path)?;
-            create_dirs_durable(dir)?;
+            create_dirs_below(&root, parent(&path)?)?;
             let tmp = TempFile::create(&path)?;
             tmp.file()
                 .write_all(&body)
@@ -79,8 +84,9 @@ impl LocalFs {
         let path = self.path(key);
         let tmp = {
             let path = path.clone();
+            let root = self.root.clone();
             blocking(move || {
-                create_dirs_durable(parent(&path)?)?;
+                create_dirs_below(&root, parent(&path)?)?;
                 TempFile::create(&path)
             })
             .await?
@@ -210,7 +216,11 @@ fn walk(
         Err(e) => return Err(io_error("list", dir, e)),
     };
     for entry in entries {
-        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error("list", dir, e)),
+        };
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.starts_with('.') {
@@ -225,7 +235,13 @@ fn walk(
         else {
             continue;
         };
-        let meta = entry.metadata().map_err(|e| io_error("stat", &path, e))?;
+        // A file deleted while the walk runs (a concurrent prune, a temp
+        // file renamed into place) is simply no longer listed.
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error("stat", &path, e)),
+        };
         if meta.is_dir() {
             let as_dir = format!("{rel}/");
             if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
@@ -338,6 +354,15 @@ fn parent(path: &Path) -> Result<&Path, StorageError> {
         location: path.display().to_string(),
         source: io::Error::from(io::ErrorKind::InvalidInput),
     })
+}
+
+/// Creates `dir` inside the existing repository directory `root`; never
+/// `root` itself (see [`StorageError::NoRoot`]).
+fn create_dirs_below(root: &Path, dir: &Path) -> Result<(), StorageError> {
+    if !root.is_dir() {
+        return Err(StorageError::NoRoot(root.display().to_string()));
+    }
+    create_dirs_durable(dir)
 }
 
 /// Creates `dir` and any missing parents, fsyncing each parent whose entries changed.

@@ -213,6 +213,14 @@ pub enum StorageError {
         /// The transport error.
         detail: String,
     },
+    /// A `file://` repository's directory is missing: a write never creates
+    /// it (only `pitr-agent init` does), so that an unmounted volume is an
+    /// error instead of a new archive in the container's own filesystem.
+    #[error(
+        "the repository directory {0} does not exist: run `pitr-agent init` to create it, or \
+         check that the volume is mounted and PITR_REPO names it"
+    )]
+    NoRoot(String),
     /// The filesystem is full.
     #[error(
         "no space left on the device holding {0}; nothing was stored (the partial file was \
@@ -411,6 +419,19 @@ impl Storage {
             return Err(StorageError::InvalidKey(prefix.to_owned()));
         }
         dispatch!(self, s => s.delete_prefix(prefix).await)
+    }
+
+    /// Creates the repository's root: the directory of a `file://`
+    /// repository (and its missing parents, durably). For S3, checks that
+    /// the bucket answers; buckets are never created.
+    ///
+    /// # Errors
+    /// The directory cannot be created; the bucket is missing or refuses.
+    pub async fn create_root(&self) -> Result<(), StorageError> {
+        match self {
+            Storage::Local(s) => s.create_root().await,
+            Storage::S3(s) => s.head_bucket().await,
+        }
     }
 
     /// Deletes an object; deleting a missing object succeeds.

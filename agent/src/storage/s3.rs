@@ -335,29 +335,60 @@ impl S3Store {
         // still costs storage until it is aborted.
         let full_prefix = self.full_key(prefix);
         let location = format!("s3://{}/{full_prefix}", self.bucket);
-        let uploads = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(&full_prefix)
-            .send()
-            .await;
-        match uploads {
-            Ok(page) => {
-                for upload in page.uploads() {
-                    if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
-                        self.abort(key, id).await;
-                    }
+        // One page holds at most 1000 uploads: follow the markers.
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_key_marker(markers.0.clone())
+                .set_upload_id_marker(markers.1.clone())
+                .send()
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(
+                        location,
+                        error = %DisplayErrorContext(&e),
+                        "could not list unfinished multipart uploads; a lifecycle rule for \
+                         incomplete uploads will remove them"
+                    );
+                    break;
+                }
+            };
+            for upload in page.uploads() {
+                if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
+                    self.abort(key, id).await;
                 }
             }
-            Err(e) => tracing::warn!(
-                location,
-                error = %DisplayErrorContext(&e),
-                "could not list unfinished multipart uploads; a lifecycle rule for incomplete \
-                 uploads will remove them"
-            ),
+            let next = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            // Stop at the last page, and on a store that does not advance.
+            if page.is_truncated() != Some(true) || next.0.is_none() || next == markers {
+                break;
+            }
+            markers = next;
         }
         Ok(())
+    }
+
+    pub(super) async fn head_bucket(&self) -> Result<(), StorageError> {
+        let location = format!("s3://{}", self.bucket);
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match self.classify("inspect bucket", location, e) {
+                StorageError::NotFound(_) => StorageError::NoSuchBucket {
+                    bucket: self.bucket.clone(),
+                    endpoint: self.endpoint.clone(),
+                },
+                other => other,
+            }),
+        }
     }
 
     pub(super) async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         bin.major
     );
     println!("   repository: {repo}");
-    let pg = Postgres::start_new(
+    let pg = Postgres::init(
         &bin,
         &PgOptions {
             archive_command: Some(format!("{} wal-push %p", agent().display())),
@@ -37,6 +37,18 @@ fn main() -> ExitCode {
             conf: vec!["max_wal_size = '1GB'".into()],
         },
     );
+    println!("== pitr-agent init (once per repository; the first push claims it)");
+    let out = agent_cmd(user)
+        .args(["--repo", &repo, "init"])
+        .output()
+        .expect("run pitr-agent init");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        println!("demo: FAILED (init)");
+        return ExitCode::from(1);
+    }
+    pg.start();
     let agent_run = |args: &[&str]| {
         let out = agent_cmd(user)
             .envs(pg.client_env())

@@ -37,11 +37,14 @@ fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
     assert!(!err.contains("panicked"), "panic: {err}");
 }
 
+/// `wal-push` of `name`; `PITR_INIT=auto` creates the repository on the
+/// first push (these tests are about pushing; `init` has its own).
 fn push(pg: &FakePgData, repo: &str, name: &str, user: RunAs) -> Command {
     let mut cmd = agent_cmd(user);
     cmd.current_dir(pg.path())
         .args(["--repo", repo, "wal-push", &FakePgData::rel(name)])
-        .env("PITR_ARCHIVE_PARALLEL", "1");
+        .env("PITR_ARCHIVE_PARALLEL", "1")
+        .env("PITR_INIT", "auto");
     cmd
 }
 
@@ -155,6 +158,149 @@ fn refuses_a_repository_owned_by_another_cluster() {
             .join(format!("{SEG2}.gz"))
             .exists()
     );
+}
+
+/// Issue 12: no command creates a repository by accident. A push into a
+/// location without `pitr-repository.json` (a mistyped URL, an unmounted
+/// volume whose mount point exists, the unset default) fails and writes
+/// nothing; `init` creates it idempotently, the first push claims it, and
+/// `PITR_INIT=auto` is the explicit opt-in.
+#[test]
+fn a_repository_exists_only_once_init_created_it() {
+    let user = RunAs::test_user();
+    let pg = FakePgData::new(user);
+    pg.add_segment(SEG1, 1);
+    pg.add_segment(SEG2, 2);
+    let strict_push = |repo: &str, name: &str| {
+        let mut cmd = push(&pg, repo, name, user);
+        cmd.env_remove("PITR_INIT");
+        run(&mut cmd)
+    };
+
+    // A location that does not exist, and an empty mount point.
+    let missing = pg.dir.path().join("missing");
+    let mount_point = pg.dir.path().join("mnt");
+    std::fs::create_dir(&mount_point).expect("mkdir");
+    user.chown_tree(&mount_point);
+    for root in [&missing, &mount_point] {
+        let repo = format!("file://{}", root.display());
+        let out = strict_push(&repo, SEG1);
+        assert_fails(
+            &out,
+            2,
+            &[&format!("no repository at {repo}"), "run `pitr-agent init`"],
+        );
+        assert_eq!(
+            std::fs::read_dir(root).map(|d| d.count()).ok(),
+            if root == &missing { None } else { Some(0) },
+            "{repo}: a refused push writes nothing"
+        );
+    }
+    // The unset default names itself.
+    let mut cmd = agent_cmd(user);
+    cmd.current_dir(pg.path())
+        .env_remove("PITR_REPO")
+        .args(["wal-push", &FakePgData::rel(SEG1)]);
+    assert_fails(&run(&mut cmd), 2, &["no repository at file:///wal_archive"]);
+
+    // init creates it with no owner; a second init changes nothing.
+    let repo = format!("file://{}", missing.display());
+    let init = || run(agent_cmd(user).args(["--repo", &repo, "init"]));
+    let out = init();
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("created repository") && said.contains("no owner yet"),
+        "{said}"
+    );
+    let record = std::fs::read(missing.join("pitr-repository.json")).expect("record");
+    let out = init();
+    assert!(out.status.success(), "second init: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+    assert_eq!(
+        std::fs::read(missing.join("pitr-repository.json")).expect("record"),
+        record,
+        "a second init rewrites nothing"
+    );
+
+    // The first push claims it; another cluster is then refused, by push
+    // and by `init --pgdata`.
+    let out = strict_push(&repo, SEG1);
+    assert!(out.status.success(), "push after init: {}", stderr(&out));
+    let claim = std::fs::read_to_string(missing.join("pitr-owner.json")).expect("claim");
+    assert!(claim.contains(&pg.system_identifier.to_string()), "{claim}");
+    let other = FakePgData::new(user);
+    other.add_segment(SEG3, 3);
+    let mut cmd = push(&other, &repo, SEG3, user);
+    cmd.env_remove("PITR_INIT");
+    assert_fails(
+        &run(&mut cmd),
+        2,
+        &[
+            "belongs to the PostgreSQL cluster",
+            &pg.system_identifier.to_string(),
+        ],
+    );
+    let out = run(agent_cmd(user)
+        .args(["--repo", &repo, "init", "--pgdata"])
+        .arg(other.path()));
+    assert_fails(&out, 2, &["belongs to the PostgreSQL cluster"]);
+    let out = run(agent_cmd(user)
+        .args(["--repo", &repo, "init", "--pgdata"])
+        .arg(pg.path()));
+    assert!(out.status.success(), "init by the owner: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&pg.system_identifier.to_string()));
+
+    // PITR_INIT=auto: the first push creates the repository, owner included.
+    let auto = format!("file://{}", pg.dir.path().join("auto").display());
+    let out = run(&mut push(&pg, &auto, SEG2, user));
+    assert!(
+        out.status.success(),
+        "PITR_INIT=auto push: {}",
+        stderr(&out)
+    );
+    let record =
+        std::fs::read_to_string(pg.dir.path().join("auto/pitr-repository.json")).expect("record");
+    assert!(
+        record.contains(&pg.system_identifier.to_string()),
+        "{record}"
+    );
+}
+
+/// The same on S3: a fresh prefix is refused until `init`, and `init` names
+/// a missing bucket instead of creating anything.
+#[test]
+fn an_s3_prefix_is_a_repository_only_after_init() {
+    let Some(server) = super::s3_server(S3Kind::Moto) else {
+        return;
+    };
+    let user = RunAs::test_user();
+    let pg = FakePgData::new(user);
+    pg.add_segment(SEG1, 1);
+    let repo = server.url("fresh");
+    let mut cmd = push(&pg, &repo, SEG1, user);
+    cmd.env_remove("PITR_INIT").envs(server.env());
+    assert_fails(&run(&mut cmd), 2, &[&format!("no repository at {repo}")]);
+    for read in ["list", "verify"] {
+        let out = run(agent_cmd(user)
+            .envs(server.env())
+            .args(["--repo", &repo, read]));
+        assert_fails(&out, 2, &[&format!("no repository at {repo}")]);
+    }
+    let out = run(agent_cmd(user)
+        .envs(server.env())
+        .args(["--repo", &repo, "init"]));
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let mut cmd = push(&pg, &repo, SEG1, user);
+    cmd.env_remove("PITR_INIT").envs(server.env());
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "push after init: {}", stderr(&out));
+
+    let out =
+        run(agent_cmd(user)
+            .envs(server.env())
+            .args(["--repo", "s3://no-such-bucket/x", "init"]));
+    assert_fails(&out, 2, &["bucket \"no-such-bucket\" does not exist"]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pitr_tests::bins::{agent_cmd, run_ok};
+use pitr_tests::bins::{agent_cmd, init_repo, run_ok};
 use pitr_tests::fakepg::FakePgData;
 use pitr_tests::faultproxy::{Fault, FaultProxy};
 use pitr_tests::s3::S3Kind;
@@ -18,6 +18,7 @@ fn prefetches_the_next_segments_into_the_spool() {
     let names: Vec<String> = (1..=6)
         .map(|i| format!("0000000100000000000000{i:02X}"))
         .collect();
+    init_repo(user, &repo, &[]);
     for (i, name) in names.iter().enumerate() {
         pg.add_segment(name, i as u64 + 10);
         run_ok(
@@ -96,6 +97,7 @@ fn exit_1_only_for_a_missing_file_and_128_for_every_failure() {
     let root = pg.dir.path().join("repo");
     let repo = format!("file://{}", root.display());
     let names = ["000000010000000000000001", "000000010000000000000002"];
+    init_repo(user, &repo, &[]);
     for (i, name) in names.iter().enumerate() {
         pg.add_segment(name, i as u64 + 3);
         run_ok(
@@ -162,6 +164,7 @@ fn a_flaky_store_is_waited_out_and_a_dead_one_stops_recovery() {
     let repo = server.url("flaky");
     let name = "000000010000000000000001";
     pg.add_segment(name, 7);
+    init_repo(user, &repo, &server.env());
     run_ok(
         agent_cmd(user)
             .current_dir(pg.path())

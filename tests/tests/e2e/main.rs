@@ -16,7 +16,7 @@ mod stack;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use pitr_tests::bins::{agent, agent_cmd, run_ok};
+use pitr_tests::bins::{agent, agent_cmd, init_repo, run_ok};
 use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
 use pitr_tests::s3::{S3Kind, S3Server};
 use pitr_tests::{RunAs, user_tempdir};
@@ -58,14 +58,18 @@ fn archiving_cluster_with(
         "max_wal_size = '4GB'".to_owned(),
     ];
     lines.extend(conf.iter().map(|l| (*l).to_owned()));
-    Postgres::start_new(
+    let pg = Postgres::init(
         bin,
         &PgOptions {
             archive_command: Some(format!("{} wal-push %p", agent().display())),
-            env,
+            env: env.clone(),
             conf: lines,
         },
-    )
+    );
+    // As in the manifests: `init` first, and the first push claims it.
+    init_repo(RunAs::test_user(), repo, &env);
+    pg.start();
+    pg
 }
 
 /// A cluster archiving into a repository, and how to reach both.

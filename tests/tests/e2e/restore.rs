@@ -456,7 +456,7 @@ fn refusals_leave_the_directory_untouched() {
         .arg(&r.data)
         .output()
         .expect("run pgrestore");
-    refused(&out, "no pitr-agent repository at file://", &r.data, &[]);
+    refused(&out, "no repository at file://", &r.data, &[]);
     for read in [&["list"][..], &["verify"][..]] {
         let out = pitr_tests::bins::agent_cmd(RunAs::test_user())
             .args(["--repo", &format!("file://{}", nowhere.display())])

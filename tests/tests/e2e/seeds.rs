@@ -250,6 +250,55 @@ fn seed_000_kubernetes_infrastructure() {
         "an init container installs pitr-agent into /pitr/bin"
     );
     let agent = container(pod, "pitr-agent");
+    // Issue 12: the repository is created by `pitr-agent init` in an init
+    // container that reaches it as the agent does (same volume, same
+    // credentials), never by a push; in both overlays.
+    for (overlay, r) in [("production", &p), ("dev", &d)] {
+        let sts: StatefulSet = r.get("StatefulSet", "postgres");
+        let pod = sts.spec.template.spec.as_ref().expect("pod");
+        let agent = container(pod, "pitr-agent");
+        let init = pod
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.args.as_deref() == Some(&["init".to_owned()][..]))
+            .unwrap_or_else(|| panic!("{overlay}: an init container runs `pitr-agent init`"));
+        let mounts = |c: &Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| format!("{}:{}", m.name, m.mount_path))
+                .collect()
+        };
+        let sources = |c: &Container| -> Vec<String> {
+            c.env_from
+                .iter()
+                .flatten()
+                .filter_map(|e| {
+                    e.secret_ref
+                        .as_ref()
+                        .map(|s| format!("secret {}", s.name))
+                        .or_else(|| {
+                            e.config_map_ref
+                                .as_ref()
+                                .map(|m| format!("configmap {}", m.name))
+                        })
+                })
+                .collect()
+        };
+        for m in mounts(agent)
+            .iter()
+            .filter(|m| m.ends_with(":/wal_archive"))
+        {
+            assert!(mounts(init).contains(m), "{overlay}: init mounts {m}");
+        }
+        for source in sources(agent) {
+            assert!(
+                sources(init).contains(&source),
+                "{overlay}: init reads the agent's {source}"
+            );
+        }
+    }
     assert_eq!(
         agent
             .args
@@ -969,6 +1018,14 @@ fn seed_003_docker_compose_and_nginx() {
     };
     assert!(mounts("postgres").contains(&"postgres_data:/var/lib/postgresql/data".to_owned()));
     assert!(mounts("postgres").contains(&"wal_archive:/wal_archive".to_owned()));
+    // `pitr-agent init` runs to completion before PostgreSQL first archives.
+    assert_eq!(services["pitr-init"]["command"][0].as_str(), Some("init"));
+    assert!(mounts("pitr-init").contains(&"wal_archive:/wal_archive".to_owned()));
+    assert_eq!(
+        services["postgres"]["depends_on"]["pitr-init"]["condition"].as_str(),
+        Some("service_completed_successfully"),
+        "the repository exists before PostgreSQL archives into it"
+    );
     assert!(mounts("odoo").contains(&"odoo_data:/var/lib/odoo".to_owned()));
     for v in ["postgres_data", "odoo_data", "wal_archive"] {
         assert!(compose["volumes"].get(v).is_some(), "named volume {v}");
