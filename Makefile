@@ -7,7 +7,7 @@
 # PostgreSQL majors besides Debian's 15 that the end-to-end tests run on.
 EXTRA_PG_MAJORS ?= 17
 
-.PHONY: demo test test-repeat test-unit test-e2e bench lint deps
+.PHONY: demo test test-long test-repeat test-unit test-e2e bench lint deps
 
 demo:
 	.ci/install-deps.sh --demo
@@ -24,6 +24,10 @@ test: deps
 		echo "== end-to-end archiving, backup and restore tests on PostgreSQL $$major ($$bin)"; \
 		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: restore:: || exit 1; \
 	done
+
+# Soak and fault loops CI does not run: 200 SIGKILLed pushes.
+test-long: deps
+	PITR_KILL_LOOPS=200 cargo test --workspace --test e2e --locked -- killed_pushes
 
 # make test-repeat [N=3]: the end-to-end suite N times in a row, stopping at
 # the first failure. Run it with a CPU hog beside it before resolving an issue

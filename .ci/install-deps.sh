@@ -15,8 +15,10 @@ if [ "$mode" != demo ]; then
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
   # Offline validators of the Kubernetes and Docker stack (issue 5).
   apt_pkgs+=(shellcheck nginx-light docker-compose openssl curl)
+  # GNU time: the peak memory of one wal-push (issue 12), and the benchmark.
+  apt_pkgs+=(time)
 fi
-[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip time)
+[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

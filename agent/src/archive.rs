@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::catalog::{self, OwnerError};
@@ -32,6 +33,9 @@ use crate::wal::{self, WalFileKind, WalFileName};
 pub const DEFAULT_ARCHIVE_PARALLEL: usize = 4;
 /// Default number of segments `wal-fetch` keeps prefetched.
 pub const DEFAULT_PREFETCH: usize = 8;
+/// What one `wal-push` call holds in memory at once, raw and compressed
+/// bytes together, in segments, whatever `--parallel` says.
+pub const IN_FLIGHT_SEGMENTS: u64 = 4;
 /// Downloads the prefetcher runs at once.
 const PREFETCH_CONCURRENCY: usize = 4;
 
@@ -276,37 +280,48 @@ pub async fn wal_push(
     // Decide first whether the requested file still needs compressing, so
     // that the cores are split between the files that really do.
     let done_earlier = markers.take_if_current(&name, path).is_some();
+    // A marker is a hint, not proof: confirm the object exists (one HEAD).
+    let done_earlier = done_earlier && repo.storage.head(&repo.wal(&name)).await?.is_some();
     let ahead = if cfg.parallel > 1 {
         ready_neighbours(&wal_dir, &name, cfg.parallel - 1, &markers)
     } else {
         Vec::new()
     };
+    // The memory budget lets IN_FLIGHT_SEGMENTS / 2 segments compress at
+    // once (each counts raw plus worst-case gzip); split the cores between those.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let busy = ahead.len() + usize::from(!done_earlier);
+    let busy = (ahead.len() + usize::from(!done_earlier)).min(IN_FLIGHT_SEGMENTS as usize / 2);
     let compression = Compression {
         level: cfg.level,
         threads: (cores / busy.max(1)).max(1),
     };
+    let segment_size =
+        segment_size_of(path).map_or(u64::from(wal::DEFAULT_SEGMENT_SIZE), u64::from);
+    let budget = MemoryBudget::new(segment_size);
+    // The requested file's share first: the files ahead wait for the rest.
+    let own = if done_earlier {
+        None
+    } else {
+        Some(budget.acquire_for(path).await)
+    };
     let mut neighbours = JoinSet::new();
     for next in ahead {
-        let (repo, markers) = (repo.clone(), Arc::clone(&markers));
+        let (repo, markers, budget) = (repo.clone(), Arc::clone(&markers), budget.clone());
         let file = wal_dir.join(next.as_str());
         neighbours.spawn(async move {
-            match push_file(&repo, &next, &file, cluster, compression).await {
+            let permit = budget.acquire_for(&file).await;
+            match push_file(&repo, &next, &file, cluster, compression, &budget, permit).await {
                 Ok((_, digest)) => markers.record(&next, digest),
                 Err(e) => tracing::warn!(file = %next, error = %e, "parallel push failed; PostgreSQL will retry it"),
             }
         });
     }
 
-    // A marker is a hint, not proof: confirm the object exists (one HEAD).
-    let done_earlier = done_earlier && repo.storage.head(&catalog::wal_key(&name)).await?.is_some();
-    let outcome = if done_earlier {
-        Ok(PushOutcome::PushedEarlier)
-    } else {
-        push_file(repo, &name, path, cluster, compression)
+    let outcome = match own {
+        None => Ok(PushOutcome::PushedEarlier),
+        Some(permit) => push_file(repo, &name, path, cluster, compression, &budget, permit)
             .await
-            .map(|(o, _)| o)
+            .map(|(o, _)| o),
     };
     while neighbours.join_next().await.is_some() {}
     markers.forget_archived(&wal_dir);
@@ -333,6 +348,58 @@ fn ready_neighbours(
         .collect()
 }
 
+/// The bytes of WAL a `wal-push` call may hold in memory: a file being
+/// compressed counts twice its size (raw, and the worst case of its gzip),
+/// a file being uploaded counts its compressed size.
+#[derive(Debug, Clone)]
+struct MemoryBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+impl MemoryBudget {
+    /// A permit is 64 KiB, so that 4 x 1 GiB segments fit a `u32`.
+    const UNIT: u64 = 64 * 1024;
+
+    fn new(segment_size: u64) -> Self {
+        let total = u32::try_from((IN_FLIGHT_SEGMENTS * segment_size).div_ceil(Self::UNIT))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        MemoryBudget {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits until the file at `path` may be compressed: its size, twice
+    /// (raw, and gzip's worst case of stored blocks beside it).
+    async fn acquire_for(&self, path: &Path) -> OwnedSemaphorePermit {
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        self.acquire(size * 2 + Self::UNIT).await
+    }
+
+    fn units(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(Self::UNIT))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total)
+    }
+
+    async fn acquire(&self, bytes: u64) -> OwnedSemaphorePermit {
+        Arc::clone(&self.permits)
+            .acquire_many_owned(self.units(bytes))
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
+    /// Keeps only what `bytes` needs of `permit`, releasing the rest.
+    fn shrink(&self, permit: &mut OwnedSemaphorePermit, bytes: u64) {
+        let keep = self.units(bytes) as usize;
+        if permit.num_permits() > keep {
+            drop(permit.split(permit.num_permits() - keep));
+        }
+    }
+}
+
 /// How to compress one file.
 #[derive(Debug, Clone, Copy)]
 struct Compression {
@@ -346,6 +413,8 @@ async fn push_file(
     path: &Path,
     cluster: u64,
     compression: Compression,
+    budget: &MemoryBudget,
+    mut permit: OwnedSemaphorePermit,
 ) -> Result<(PushOutcome, Sha256Digest), ArchiveError> {
     let (raw, digest, gz) = {
         let (file, file_name) = (path.to_path_buf(), name.clone());
@@ -364,6 +433,7 @@ async fn push_file(
         .await
         .map_err(|e| join_error(path, e))??
     };
+    budget.shrink(&mut permit, gz.len() as u64);
     let key = catalog::wal_key(name);
     let location = repo.storage.location(&key);
     tracing::debug!(file = %name, raw, stored = gz.len(), "pushing");

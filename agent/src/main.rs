@@ -500,17 +500,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report::plan_text(&plan, args.dry_run));
             }
-            if !args.dry_run && !plan.is_empty() {
-                let outcome = prune::apply(&repo.storage, &plan)
+            if !args.dry_run {
+                let outcome = prune::apply(&repo.storage, &plan, args.debris_grace)
                     .await
                     .with_context(|| format!("prune {}", repo.url))?;
-                if !args.json {
+                if !args.json && (!plan.is_empty() || outcome.temp_files > 0) {
                     println!(
-                        "deleted {} backups, {} WAL files ({}), {} incomplete backups",
+                        "deleted {} backups, {} WAL files ({}), {} incomplete backups, \
+                         {} temp files of interrupted writes",
                         outcome.backups,
                         outcome.wal_files,
                         report::bytes(outcome.wal_bytes),
-                        outcome.debris
+                        outcome.debris,
+                        outcome.temp_files
                     );
                 }
             }

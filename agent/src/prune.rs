@@ -5,6 +5,8 @@
 //! below the oldest kept backup's start, which a running `wal-push` (always
 //! writing newer segments) or a new backup (always starting later) never needs.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use crate::catalog::backup::{BackupId, RECORD_FILE};
@@ -24,14 +26,21 @@ pub struct PruneOutcome {
     pub wal_bytes: u64,
     /// Incomplete backups removed.
     pub debris: usize,
+    /// Temp files of interrupted writes removed (`file://` only).
+    pub temp_files: usize,
 }
 
-/// Deletes what `plan` says.
+/// Deletes what `plan` says, then the temp files that writes killed midway
+/// (a SIGKILLed `wal-push`) left for longer than `debris_grace`.
 ///
 /// # Errors
 /// The first storage failure; what was deleted before it stays deleted, and
 /// running prune again finishes the job.
-pub async fn apply(storage: &Storage, plan: &RetentionPlan) -> Result<PruneOutcome, StorageError> {
+pub async fn apply(
+    storage: &Storage,
+    plan: &RetentionPlan,
+    debris_grace: Duration,
+) -> Result<PruneOutcome, StorageError> {
     let mut outcome = PruneOutcome::default();
     for id in &plan.delete_backups {
         delete_backup(storage, id).await?;
@@ -54,6 +63,14 @@ pub async fn apply(storage: &Storage, plan: &RetentionPlan) -> Result<PruneOutco
         storage.delete_prefix(&id.prefix()).await?;
         tracing::info!(backup_id = %id, "removed incomplete backup");
         outcome.debris += 1;
+    }
+    // A live write's temp file is seconds old; the grace keeps it safe.
+    outcome.temp_files = storage.remove_stale_temp_files(debris_grace).await?;
+    if outcome.temp_files > 0 {
+        tracing::info!(
+            count = outcome.temp_files,
+            "removed temp files left by interrupted writes"
+        );
     }
     Ok(outcome)
 }

@@ -538,34 +538,13 @@ pub fn wal_gaps(backups: &[&BackupRecord], index: &WalIndex) -> (Vec<Gap>, u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::{DEFAULT_SEGMENT_SIZE, Lsn, WalFileName};
+    use crate::wal::{DEFAULT_SEGMENT_SIZE, WalFileName};
 
     const SEG: u32 = DEFAULT_SEGMENT_SIZE;
 
     fn backup(tl: u32, segno: u64) -> BackupRecord {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + segno);
-        BackupRecord {
-            format: 1,
-            id: BackupId::at(t),
-            label: String::new(),
-            system_identifier: "1".into(),
-            pg_version: 150_000,
-            wal_segment_size: SEG,
-            start_timeline: TimelineId(tl),
-            timeline: TimelineId(tl),
-            start_lsn: Lsn(segno * u64::from(SEG) + 40),
-            stop_lsn: Lsn(segno * u64::from(SEG) + 400),
-            first_wal: String::new(),
-            last_wal: String::new(),
-            wal_included: true,
-            start_time: t,
-            stop_time: t,
-            raw_bytes: 0,
-            stored_bytes: 0,
-            manifest_checksums: "CRC32C".into(),
-            objects: vec![],
-            created_by: String::new(),
-        }
+        crate::catalog::backup::test_support::record(tl, segno, t)
     }
 
     fn segs(tl: u32, range: std::ops::RangeInclusive<u64>) -> Vec<WalFileName> {

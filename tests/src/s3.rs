@@ -175,6 +175,25 @@ impl S3Server {
         format!("s3://{}/{prefix}", self.bucket)
     }
 
+    /// An SDK client for this server, for tests that set up what pitr-agent
+    /// never does itself (unfinished multipart uploads).
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &self.access_key,
+                &self.secret_key,
+                None,
+                None,
+                "pitr-tests",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
     /// Environment for `pitr-agent` to reach this server.
     #[must_use]
     pub fn env(&self) -> Vec<(String, String)> {

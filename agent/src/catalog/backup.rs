@@ -269,12 +269,69 @@ pub struct Catalog {
     pub wal: Vec<WalObject>,
 }
 
+/// The `backup.json` records read so far, by backup and size. They are
+/// create-only, so a long-lived reader (the daemon, refreshing every
+/// minute) reads each one once instead of every backup on every refresh.
+#[derive(Debug, Default)]
+pub struct RecordCache {
+    records: std::sync::Mutex<HashMap<String, (u64, BackupRecord)>>,
+}
+
+impl RecordCache {
+    fn get(&self, id: &BackupId, size: u64) -> Option<BackupRecord> {
+        let records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        records
+            .get(&id.to_string())
+            .filter(|(s, _)| *s == size)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// Keeps `record`, and forgets every backup not in `listed` (pruned).
+    fn update(&self, listed: &[String], fresh: Vec<(u64, BackupRecord)>) {
+        let mut records = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        records.retain(|id, _| listed.contains(id));
+        for (size, record) in fresh {
+            records.insert(record.id.to_string(), (size, record));
+        }
+    }
+
+    /// How many records are cached.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether none are.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl Catalog {
     /// Lists the repository and reads every `backup.json`.
     ///
     /// # Errors
     /// Listing or reading fails.
     pub async fn load(storage: &Storage) -> Result<Self, StorageError> {
+        Self::load_cached(storage, &RecordCache::default()).await
+    }
+
+    /// [`Catalog::load`], reading only the `backup.json` records that
+    /// `cache` does not hold yet.
+    ///
+    /// # Errors
+    /// Listing or reading fails.
+    pub async fn load_cached(storage: &Storage, cache: &RecordCache) -> Result<Self, StorageError> {
         let mut by_id: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
         for object in storage.list(BACKUPS_PREFIX).await? {
             let rest = &object.key.as_str()[BACKUPS_PREFIX.len()..];
@@ -283,18 +340,25 @@ impl Catalog {
             }
         }
         let mut catalog = Catalog::default();
+        let listed: Vec<String> = by_id.keys().cloned().collect();
+        let mut fresh = Vec::new();
         for (id_text, objects) in by_id {
             let Ok(id) = id_text.parse::<BackupId>() else {
                 tracing::debug!(dir = %id_text, "ignoring a foreign directory under backups/");
                 continue;
             };
             let record_key = id.key(RECORD_FILE);
-            if !objects.iter().any(|o| o.key == record_key) {
+            let Some(record_size) = objects.iter().find(|o| o.key == record_key).map(|o| o.size)
+            else {
                 catalog.incomplete.push(Incomplete {
                     id,
                     objects,
                     reason: "no backup.json: the backup was interrupted or is still running".into(),
                 });
+                continue;
+            };
+            if let Some(record) = cache.get(&id, record_size) {
+                catalog.backups.push(record);
                 continue;
             }
             let body = match storage.get(&record_key).await {
@@ -305,6 +369,7 @@ impl Catalog {
             };
             match serde_json::from_slice::<BackupRecord>(&body) {
                 Ok(record) if record.format <= RECORD_FORMAT && record.id == id => {
+                    fresh.push((record_size, record.clone()));
                     catalog.backups.push(record);
                 }
                 Ok(record) if record.id != id => catalog.incomplete.push(Incomplete {
@@ -327,6 +392,7 @@ impl Catalog {
                 }),
             }
         }
+        cache.update(&listed, fresh);
         catalog
             .backups
             .sort_by(|a, b| (a.stop_lsn, &a.id).cmp(&(b.stop_lsn, &b.id)));
@@ -448,9 +514,78 @@ pub struct RestorableWindow {
     pub newest_wal: Option<String>,
 }
 
+/// Records for unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::wal::DEFAULT_SEGMENT_SIZE;
+
+    /// A committed backup on timeline `tl` that starts in segment `segno`
+    /// and ends at `stop_time` (started ten minutes earlier).
+    pub(crate) fn record(tl: u32, segno: u64, stop_time: SystemTime) -> BackupRecord {
+        let seg = u64::from(DEFAULT_SEGMENT_SIZE);
+        let start = stop_time - Duration::from_secs(600);
+        BackupRecord {
+            format: 1,
+            id: BackupId::at(start),
+            label: String::new(),
+            system_identifier: "1".into(),
+            pg_version: 150_000,
+            wal_segment_size: DEFAULT_SEGMENT_SIZE,
+            start_timeline: TimelineId(tl),
+            timeline: TimelineId(tl),
+            start_lsn: Lsn(segno * seg + 40),
+            stop_lsn: Lsn(segno * seg + 400),
+            first_wal: String::new(),
+            last_wal: String::new(),
+            wal_included: true,
+            start_time: start,
+            stop_time,
+            raw_bytes: 0,
+            stored_bytes: 0,
+            manifest_checksums: "CRC32C".into(),
+            objects: vec![],
+            created_by: String::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn records_are_read_once_and_forgotten_when_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::Local(
+            crate::storage::LocalFs::open(dir.path().to_owned())
+                .await
+                .expect("open"),
+        );
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let record = test_support::record(1, 3, t);
+        let key = record.id.key(RECORD_FILE);
+        let body = serde_json::to_vec(&record).expect("json");
+        let path = dir.path().join(key.as_str());
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &body).expect("write");
+
+        let cache = RecordCache::default();
+        let first = Catalog::load_cached(&storage, &cache).await.expect("load");
+        assert_eq!(first.backups, vec![record.clone()]);
+        assert_eq!(cache.len(), 1);
+        // Same size, other bytes: only a fresh read would notice.
+        std::fs::write(&path, vec![b' '; body.len()]).expect("overwrite");
+        let cached = Catalog::load_cached(&storage, &cache).await.expect("load");
+        assert_eq!(cached.backups, vec![record], "served from the cache");
+        let uncached = Catalog::load(&storage).await.expect("load");
+        assert!(uncached.backups.is_empty() && uncached.incomplete.len() == 1);
+        // Pruned: the cache forgets it.
+        std::fs::remove_dir_all(path.parent().expect("dir")).expect("rm");
+        let gone = Catalog::load_cached(&storage, &cache).await.expect("load");
+        assert!(gone.backups.is_empty());
+        assert!(cache.is_empty());
+    }
 
     #[test]
     fn the_newest_segment_is_on_the_newest_timeline() {

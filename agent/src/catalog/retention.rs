@@ -197,7 +197,7 @@ mod tests {
     use super::*;
     use crate::catalog::backup::{BackupRecord, Incomplete, WalObject};
     use crate::storage::{ObjectKey, ObjectMeta};
-    use crate::wal::{DEFAULT_SEGMENT_SIZE, Lsn, TimelineId};
+    use crate::wal::{DEFAULT_SEGMENT_SIZE, TimelineId};
 
     const DAY: u64 = 86_400;
 
@@ -207,29 +207,7 @@ mod tests {
 
     /// A backup that ended on `day`, starting at segment `segno`.
     fn backup(day: u64, segno: u64) -> BackupRecord {
-        let start = at(day) - Duration::from_secs(600);
-        BackupRecord {
-            format: 1,
-            id: BackupId::at(start),
-            label: String::new(),
-            system_identifier: "1".into(),
-            pg_version: 150_000,
-            wal_segment_size: DEFAULT_SEGMENT_SIZE,
-            start_timeline: TimelineId(1),
-            timeline: TimelineId(1),
-            start_lsn: Lsn(segno * u64::from(DEFAULT_SEGMENT_SIZE) + 40),
-            stop_lsn: Lsn(segno * u64::from(DEFAULT_SEGMENT_SIZE) + 400),
-            first_wal: String::new(),
-            last_wal: String::new(),
-            wal_included: true,
-            start_time: start,
-            stop_time: at(day),
-            raw_bytes: 0,
-            stored_bytes: 0,
-            manifest_checksums: "CRC32C".into(),
-            objects: vec![],
-            created_by: String::new(),
-        }
+        crate::catalog::backup::test_support::record(1, segno, at(day))
     }
 
     fn wal(name: &str) -> WalObject {

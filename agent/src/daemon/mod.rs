@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{BackupConfig, run_backup};
-use crate::catalog::backup::Catalog;
+use crate::catalog::backup::{Catalog, RecordCache};
 use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
 use crate::pgconn::PgTarget;
 use crate::repository::Repository;
@@ -75,6 +75,8 @@ struct Shared {
     /// gauges hold zeros that mean "not read yet", not "no backup", so
     /// `/metrics` answers 503 and Prometheus keeps the last real samples.
     refreshed: std::sync::atomic::AtomicBool,
+    /// `backup.json` records already read: create-only, read once.
+    records: RecordCache,
 }
 
 /// Runs until `shutdown` is cancelled (SIGTERM).
@@ -99,6 +101,7 @@ pub async fn run(
         last_failed_count: Mutex::new(None),
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
+        records: RecordCache::default(),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
@@ -156,7 +159,7 @@ async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// Re-reads the repository and PostgreSQL into the metrics and status.
 async fn refresh(shared: &Shared) {
     let now = SystemTime::now();
-    match Catalog::load(&shared.repo.storage).await {
+    match Catalog::load_cached(&shared.repo.storage, &shared.records).await {
         Ok(catalog) => {
             shared.metrics.update_from_catalog(&catalog);
             lock(&shared.status).set_catalog(&catalog, now);
@@ -305,7 +308,7 @@ async fn run_job(shared: &Shared, job: &'static str) {
         }
         "verify" => {
             let result = async {
-                let catalog = Catalog::load(&shared.repo.storage).await?;
+                let catalog = Catalog::load_cached(&shared.repo.storage, &shared.records).await?;
                 let opts = VerifyOptions {
                     backup: None,
                     max_age: shared.cfg.verify_max_age,
@@ -341,10 +344,15 @@ async fn run_job(shared: &Shared, job: &'static str) {
         }
         _ => {
             let result = async {
-                let catalog = Catalog::load(&shared.repo.storage).await?;
+                let catalog = Catalog::load_cached(&shared.repo.storage, &shared.records).await?;
                 let plan =
                     RetentionPlan::compute(&catalog, &shared.cfg.retention, SystemTime::now())?;
-                let outcome = crate::prune::apply(&shared.repo.storage, &plan).await?;
+                let outcome = crate::prune::apply(
+                    &shared.repo.storage,
+                    &plan,
+                    shared.cfg.retention.debris_grace,
+                )
+                .await?;
                 anyhow::Ok(outcome)
             }
             .await;

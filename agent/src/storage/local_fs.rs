@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
@@ -202,6 +203,69 @@ impl LocalFs {
         })
         .await
     }
+}
+
+impl LocalFs {
+    pub(super) async fn remove_stale_temp_files(
+        &self,
+        older_than: Duration,
+    ) -> Result<usize, StorageError> {
+        let root = self.root.clone();
+        blocking(move || {
+            let mut removed = 0;
+            let mut dirs = vec![root];
+            while let Some(dir) = dirs.pop() {
+                let entries = match fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error("list", &dir, e)),
+                };
+                for entry in entries.filter_map(Result::ok) {
+                    let Ok(meta) = entry.metadata() else { continue };
+                    let path = entry.path();
+                    if meta.is_dir() {
+                        dirs.push(path);
+                        continue;
+                    }
+                    let stale = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age >= older_than);
+                    if is_temp_name(&entry.file_name()) && stale {
+                        match fs::remove_file(&path) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io_error("delete", &path, e)),
+                        }
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+/// Whether `name` is one of [`TempFile`]'s names: `.<object>.tmp.<pid>.<hex>`.
+fn is_temp_name(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let mut parts = rest.rsplitn(4, '.');
+    let (Some(hex), Some(pid), Some("tmp"), Some(object)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !object.is_empty()
+        && hex.len() == 8
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn walk(
@@ -427,4 +491,54 @@ async fn blocking<T: Send + 'static>(
             location: "a filesystem task".into(),
             source: io::Error::other(e.to_string()),
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_temp_file_names_are_collected() {
+        for (name, temp) in [
+            (".000000010000000000000001.gz.tmp.1234.0badcafe", true),
+            (".pitr-repository.json.tmp.1.ffffffff", true),
+            ("000000010000000000000001.gz", false),
+            (".000000010000000000000001.gz", false),
+            (".x.tmp.12a.0badcafe", false),
+            (".x.tmp.12.0badcaf", false),
+            (".tmp.12.0badcafe", false),
+            ("x.tmp.12.0badcafe", false),
+        ] {
+            assert_eq!(is_temp_name(std::ffi::OsStr::new(name)), temp, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_temp_files_go_and_fresh_ones_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = dir.path().join("wal");
+        fs::create_dir(&wal).expect("mkdir");
+        let stale = wal.join(".000000010000000000000001.gz.tmp.99.0badcafe");
+        let object = wal.join("000000010000000000000001.gz");
+        fs::write(&stale, b"partial").expect("write");
+        fs::write(&object, b"object").expect("write");
+        let store = LocalFs::open(dir.path().to_owned()).await.expect("open");
+        assert_eq!(
+            store
+                .remove_stale_temp_files(Duration::from_secs(3600))
+                .await
+                .expect("collect"),
+            0,
+            "a fresh temp file may belong to a running push"
+        );
+        assert!(stale.exists());
+        assert_eq!(
+            store
+                .remove_stale_temp_files(Duration::ZERO)
+                .await
+                .expect("collect"),
+            1
+        );
+        assert!(!stale.exists() && object.exists());
+    }
 }

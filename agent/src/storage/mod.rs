@@ -12,6 +12,7 @@ pub use s3::{PART_SIZE as S3_PART_SIZE, S3Options, S3Store};
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
@@ -431,6 +432,24 @@ impl Storage {
         match self {
             Storage::Local(s) => s.create_root().await,
             Storage::S3(s) => s.head_bucket().await,
+        }
+    }
+
+    /// Removes the temp files of writes that never finished (a process
+    /// killed between creating its temp file and renaming it) once they are
+    /// older than `older_than`; returns how many. Only `file://` has them:
+    /// an S3 PUT is all or nothing, and unfinished multipart uploads are
+    /// aborted with the backup they belong to.
+    ///
+    /// # Errors
+    /// A directory cannot be read or a file removed.
+    pub async fn remove_stale_temp_files(
+        &self,
+        older_than: Duration,
+    ) -> Result<usize, StorageError> {
+        match self {
+            Storage::Local(s) => s.remove_stale_temp_files(older_than).await,
+            Storage::S3(_) => Ok(0),
         }
     }
 
