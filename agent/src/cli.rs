@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 use crate::repository::Repository;
 use crate::storage::{DEFAULT_REPO, RepoUrl, S3Options, Storage, StorageError};
 
-/// Where the repository is and how to reach it.
+/// Where the repository is and how to reach it. Shown under its own
+/// heading, after each command's own flags.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Repository")]
 pub struct RepoArgs {
     /// Repository URL: file:///path or s3://bucket/prefix.
     #[arg(long, env = "PITR_REPO", default_value = DEFAULT_REPO, global = true)]

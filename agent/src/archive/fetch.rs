@@ -1,0 +1,186 @@
+//! `wal-fetch`: verified, atomic, retried restores of one WAL file.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::catalog;
+use crate::compress::{self, GzipError, Sha256Digest};
+use crate::repository::Repository;
+use crate::storage::StorageError;
+use crate::wal::{WalFileKind, WalFileName};
+
+use super::spool::{PrefetchDir, data_dir_of};
+use super::*;
+
+/// [`wal_fetch`], retrying transient failures with exponential backoff for at
+/// most `retry_for`. Each retry is logged with its cause.
+///
+/// # Errors
+/// As [`wal_fetch`]: the last error once `retry_for` has passed, or the first
+/// one that retrying cannot fix.
+pub async fn wal_fetch_retrying(
+    repo: &Repository,
+    name: &str,
+    dest: &Path,
+    cfg: &FetchConfig,
+    retry_for: std::time::Duration,
+) -> Result<(FetchOutcome, Option<PrefetchRequest>), ArchiveError> {
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        match wal_fetch(repo, name, dest, cfg).await {
+            Err(e) if e.is_transient() && started.elapsed() + backoff <= retry_for => {
+                tracing::warn!(
+                    file = name,
+                    error = %e,
+                    retry_in = ?backoff,
+                    "wal-fetch failed; retrying (PITR_FETCH_RETRY_FOR bounds this)"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(15));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Settings for `wal-fetch`.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Where prefetched segments wait; by default `pitr_spool` beside `%p`.
+    pub spool: Option<PathBuf>,
+    /// How many segments to keep prefetched; 0 disables prefetch.
+    pub prefetch: usize,
+}
+
+/// Where `wal-fetch` found the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// Downloaded now.
+    Downloaded,
+    /// Taken from the prefetch spool.
+    Prefetched,
+}
+
+/// What the caller should do after a fetch: start a prefetcher for what follows.
+#[derive(Debug, Clone)]
+pub struct PrefetchRequest {
+    /// The segment just restored.
+    pub after: WalFileName,
+    /// The cluster's segment size, from the segment header.
+    pub segment_size: u32,
+    /// The spool directory.
+    pub spool: PathBuf,
+    /// The data directory being recovered, when `%p` lies in its `pg_wal`:
+    /// once its recovery has ended, the prefetcher empties the spool
+    /// instead of filling it.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Restores WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`), atomically.
+///
+/// # Errors
+/// [`ArchiveError::NotInRepository`] when the file does not exist, which
+/// PostgreSQL expects at the end of the archive; other variants are real failures.
+pub async fn wal_fetch(
+    repo: &Repository,
+    name: &str,
+    dest: &Path,
+    cfg: &FetchConfig,
+) -> Result<(FetchOutcome, Option<PrefetchRequest>), ArchiveError> {
+    let name: WalFileName = name.parse().map_err(|source| ArchiveError::NotWalFile {
+        path: name.to_owned(),
+        cause: source,
+    })?;
+    let dest_dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let spool = cfg
+        .spool
+        .clone()
+        .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
+    let owner = repo.owner().await?;
+    let identity = repo.identity(owner.system_identifier.as_deref());
+    let prefetch_dir = (cfg.prefetch > 0)
+        .then(|| PrefetchDir::open(&spool, &identity))
+        .flatten();
+
+    let spooled = prefetch_dir.as_ref().and_then(|p| p.take(&name, dest));
+    let outcome = if spooled == Some(true) {
+        FetchOutcome::Prefetched
+    } else {
+        download_to(repo, &name, dest).await?;
+        FetchOutcome::Downloaded
+    };
+    let request = (cfg.prefetch > 0 && name.kind() == WalFileKind::Segment)
+        .then(|| segment_size_of(dest))
+        .flatten()
+        .map(|segment_size| PrefetchRequest {
+            after: name,
+            segment_size,
+            spool,
+            data_dir: data_dir_of(&dest_dir),
+        });
+    Ok((outcome, request))
+}
+
+/// Downloads, decompresses and verifies `name` into `dest` through a temp
+/// file, durably; returns the content's digest.
+pub(super) async fn download_to(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Sha256Digest, ArchiveError> {
+    let key = catalog::wal_key(name);
+    let location = repo.storage.location(&key);
+    let body = match repo.storage.get(&key).await {
+        Ok(body) => body,
+        Err(StorageError::NotFound(location)) => {
+            return Err(ArchiveError::NotInRepository {
+                name: name.to_string(),
+                location,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_verified(&body, &dest, &location))
+        .await
+        .map_err(|e| join_error(Path::new(name.as_str()), e))?
+}
+
+fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<Sha256Digest, ArchiveError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+    let tmp = dir.join(format!(".{file_name}.pitr-tmp.{}", std::process::id()));
+    let write_err = |source: io::Error| {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => "the volume is full: free space and retry",
+            Some(libc::EACCES | libc::EPERM) => "run as the user that owns the data directory",
+            _ => "check the data directory's volume",
+        };
+        ArchiveError::WriteDest {
+            path: dest.display().to_string(),
+            cause: source,
+            hint,
+        }
+    };
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).map_err(write_err)?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, file);
+        let (digest, _) = compress::gunzip_verified(gz, &mut out).map_err(|e| match e {
+            GzipError::Write(source) => write_err(source),
+            other => ArchiveError::Corrupt {
+                location: location.to_owned(),
+                cause: other,
+            },
+        })?;
+        out.flush().map_err(write_err)?;
+        out.get_ref().sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, dest).map_err(write_err)?;
+        sync_dir(dest).map_err(write_err)?;
+        Ok(digest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
