@@ -121,3 +121,36 @@ pub fn init_tracing(default_level: &str) {
         builder.try_init()
     };
 }
+
+/// The shared `main` of both binaries: logging, an async runtime, the work,
+/// and an error printed as one line `NAME: error: ...` with exit `fatal`.
+pub fn run_main<F>(name: &str, fatal: u8, multi_threaded: bool, work: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    init_tracing("warn");
+    let runtime = if multi_threaded {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(fatal);
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::from(fatal)
+        }
+    }
+}

@@ -14,7 +14,8 @@
 //! - [`pgdata`]: what is read from a data directory;
 //! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
 //! - [`restore`]: `pgrestore`'s plan, extraction and recovery;
-//! - [`cli`]: the flags and environment both binaries share;
+//! - [`cli`]: the flags and environment both binaries share, and their `main`;
+//! - [`commands`]: each command's arguments and handler;
 //! - `daemon` (feature `daemon`): schedules, HTTP, metrics for the sidecar.
 #![warn(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod compress;
 #[cfg(feature = "daemon")]
 pub mod daemon;

@@ -1,0 +1,186 @@
+//! `list` (shared by `pitr-agent` and `pgrestore`), `verify` and `prune`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::ClockArgs;
+use crate::catalog::backup::{BackupId, Catalog};
+use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
+use crate::cli::RepoArgs;
+use crate::verify::{self, VerifyOptions};
+use crate::{prune, report};
+
+/// `list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// `--now`.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+impl ListArgs {
+    /// Prints the backups and the restorable window.
+    ///
+    /// # Errors
+    /// No repository at the URL; the listing fails.
+    pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
+        let repo = repo.open().await?;
+        repo.owner().await?;
+        let catalog = Catalog::load(&repo.storage)
+            .await
+            .with_context(|| format!("list {}", repo.url))?;
+        let listing = report::listing(&catalog, self.clock.now());
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&listing)?);
+        } else {
+            print!("{}", report::listing_table(&listing));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Only this backup's data (WAL is checked from its start).
+    #[arg(long)]
+    pub backup: Option<BackupId>,
+    /// An error when the newest backup is older than this, e.g. 26h.
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub max_age: Option<Duration>,
+    /// Exit 1 on warnings too (incomplete backups, old uploads), not only on errors.
+    #[arg(long, env = "PITR_VERIFY_STRICT")]
+    pub strict: bool,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// `--now`.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+impl VerifyArgs {
+    /// Verifies; exit 0 clean (or warnings only), 1 errors (or warnings
+    /// with `--strict`), 2 when it could not run.
+    ///
+    /// # Errors
+    /// No repository at the URL; verify could not run.
+    pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
+        let repo = repo.open().await?;
+        repo.owner().await?;
+        let catalog = Catalog::load(&repo.storage)
+            .await
+            .with_context(|| format!("verify {}", repo.url))?;
+        let opts = VerifyOptions {
+            backup: self.backup,
+            max_age: self.max_age,
+            now: self.clock.now(),
+        };
+        #[cfg(feature = "daemon")]
+        let events = crate::daemon::events::EventRecorder::from_env().await;
+        let result = verify::verify(&repo.storage, &catalog, &opts).await;
+        #[cfg(feature = "daemon")]
+        if let Some(events) = &events {
+            events.verify_outcome(&result).await;
+        }
+        let result = result.with_context(|| format!("verify {}", repo.url))?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            print!("{}", report::verify_text(&result));
+        }
+        Ok(ExitCode::from(result.exit_code(self.strict)))
+    }
+}
+
+/// The retention policy, shared by `prune` and the daemon's scheduled prune.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetentionArgs {
+    /// Keep the newest N backups.
+    #[arg(long, env = "PITR_RETAIN_FULL")]
+    pub retain_full: Option<usize>,
+    /// Keep every point of the last D days restorable.
+    #[arg(long, env = "PITR_RETAIN_DAYS")]
+    pub retain_days: Option<u32>,
+    /// Incomplete backups and temp files younger than this are left alone (they may be running).
+    #[arg(long, env = "PITR_DEBRIS_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub debris_grace: Duration,
+}
+
+impl RetentionArgs {
+    /// The policy.
+    #[must_use]
+    pub fn resolve(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            retain_full: self.retain_full,
+            retain_days: self.retain_days,
+            debris_grace: self.debris_grace,
+        }
+    }
+
+    /// Whether any retention is set.
+    #[must_use]
+    pub fn is_set(&self) -> bool {
+        self.retain_full.is_some() || self.retain_days.is_some()
+    }
+}
+
+/// `prune`.
+#[derive(Debug, clap::Args)]
+pub struct PruneArgs {
+    /// The policy.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Print the plan and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// `--now`.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+impl PruneArgs {
+    /// Plans, prints and (unless `--dry-run`) applies retention.
+    ///
+    /// # Errors
+    /// No repository at the URL; no retention policy; a deletion fails.
+    pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
+        let repo = repo.open().await?;
+        repo.owner().await?;
+        let catalog = Catalog::load(&repo.storage)
+            .await
+            .with_context(|| format!("prune {}", repo.url))?;
+        let policy = self.retention.resolve();
+        let plan = RetentionPlan::compute(&catalog, &policy, self.clock.now())?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print!("{}", report::plan_text(&plan, self.dry_run));
+        }
+        if !self.dry_run {
+            let outcome = prune::apply(&repo.storage, &plan, policy.debris_grace)
+                .await
+                .with_context(|| format!("prune {}", repo.url))?;
+            if !self.json && (!plan.is_empty() || outcome.temp_files > 0) {
+                println!(
+                    "deleted {} backups, {} WAL files ({}), {} incomplete backups, \
+                     {} temp files of interrupted writes",
+                    outcome.backups,
+                    outcome.wal_files,
+                    report::bytes(outcome.wal_bytes),
+                    outcome.debris,
+                    outcome.temp_files
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

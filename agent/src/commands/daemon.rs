@@ -1,0 +1,115 @@
+//! `daemon`: the sidecar, with the one-shot commands' own settings.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::backup::BackupSettings;
+use super::catalog::RetentionArgs;
+use crate::cli::RepoArgs;
+use crate::daemon::{self, DaemonConfig, schedule::Schedule};
+use crate::pgconn::PgArgs;
+
+/// `daemon`.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// How to reach PostgreSQL.
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Address for /healthz /readyz /status /metrics (postgres_exporter uses 9187).
+    #[arg(long, env = "PITR_LISTEN", default_value = "0.0.0.0:9188")]
+    pub listen: std::net::SocketAddr,
+    /// Backup schedule, five-field cron in UTC (or six with seconds); empty disables.
+    #[arg(long, env = "PITR_BACKUP_SCHEDULE", default_value = "0 2 * * *")]
+    pub backup_schedule: String,
+    /// Verify schedule; empty disables.
+    #[arg(long, env = "PITR_VERIFY_SCHEDULE", default_value = "0 5 * * *")]
+    pub verify_schedule: String,
+    /// Prune schedule (needs a retention policy); empty disables.
+    #[arg(long, env = "PITR_PRUNE_SCHEDULE", default_value = "")]
+    pub prune_schedule: String,
+    /// How often figures are re-read from the repository and PostgreSQL.
+    #[arg(long, env = "PITR_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub refresh: Duration,
+    /// The data directory, for the .ready backlog [default: none].
+    #[arg(long, env = "PGDATA")]
+    pub pgdata: Option<std::path::PathBuf>,
+    /// Scheduled verify: an error when the newest backup is older than this.
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", default_value = "26h", value_parser = humantime::parse_duration)]
+    pub max_age: Duration,
+    /// Scheduled backups: the same settings as `backup`.
+    #[command(flatten)]
+    pub backup: BackupSettings,
+    /// Scheduled prune: the same policy as `prune`.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+impl DaemonArgs {
+    /// The daemon's configuration.
+    ///
+    /// # Errors
+    /// A schedule does not parse; a prune schedule without a retention policy.
+    pub fn resolve(self) -> anyhow::Result<DaemonConfig> {
+        let parse = |text: &str| -> anyhow::Result<Option<Schedule>> {
+            if text.trim().is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some(text.parse()?))
+            }
+        };
+        let prune = parse(&self.prune_schedule)?;
+        if prune.is_some() && !self.retention.is_set() {
+            anyhow::bail!(
+                "PITR_PRUNE_SCHEDULE is set but no retention policy: set PITR_RETAIN_FULL \
+                 and/or PITR_RETAIN_DAYS"
+            );
+        }
+        Ok(DaemonConfig {
+            listen: self.listen,
+            backup: parse(&self.backup_schedule)?,
+            verify: parse(&self.verify_schedule)?,
+            prune,
+            refresh: self.refresh,
+            pg: self.pg.resolve(),
+            pgdata: self.pgdata,
+            backup_cfg: self.backup.resolve(),
+            retention: self.retention.resolve(),
+            verify_max_age: Some(self.max_age),
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    ///
+    /// # Errors
+    /// A bad configuration; the HTTP port cannot be bound.
+    pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
+        let repo = repo.open().await?;
+        let cfg = self.resolve()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            token.cancel();
+        });
+        daemon::run(repo, cfg, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

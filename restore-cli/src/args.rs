@@ -1,0 +1,115 @@
+//! pgrestore's flags, and the recovery target they name.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use std::time::Duration;
+
+use pitr_agent::catalog::backup::BackupId;
+use pitr_agent::pgconn::PgArgs;
+use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTime, TargetTimeline};
+use pitr_agent::wal::Lsn;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RestoreArgs {
+    /// The data directory to restore into; must be empty or missing.
+    #[arg(long, env = "PGDATA")]
+    pub(crate) pgdata: Option<PathBuf>,
+    /// Recover to this time, with its UTC offset: '2026-11-21 14:30:00+00' or RFC 3339.
+    #[arg(long)]
+    pub(crate) target_time: Option<String>,
+    /// Read a --target-time without an offset as UTC (otherwise it is refused:
+    /// at 3 a.m. in an incident, the local reading is an hour away).
+    #[arg(long)]
+    pub(crate) utc: bool,
+    /// Recover to this WAL position, e.g. 0/16B3748.
+    #[arg(long)]
+    pub(crate) target_lsn: Option<Lsn>,
+    /// Recover to the commit of this transaction id.
+    #[arg(long)]
+    pub(crate) target_xid: Option<u64>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long)]
+    pub(crate) target_name: Option<String>,
+    /// `immediate`: recover only to the end of the backup.
+    #[arg(long, value_parser = ["immediate"])]
+    pub(crate) target: Option<String>,
+    /// Timeline to follow: latest, current (the backup's) or a number.
+    #[arg(long, default_value = "latest")]
+    pub(crate) target_timeline: TargetTimeline,
+    /// What PostgreSQL does at the target. `pause` (PostgreSQL's default) lets
+    /// you check the data before the cluster takes writes; then promote with
+    /// SELECT pg_wal_replay_resume().
+    #[arg(long, value_enum, default_value_t = TargetAction::Pause)]
+    pub(crate) target_action: TargetAction,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    pub(crate) exclusive: bool,
+    /// Restore this backup instead of the one pgrestore picks.
+    #[arg(long)]
+    pub(crate) backup: Option<BackupId>,
+    /// Print the plan and touch nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Go on when the target lies beyond the newest archived WAL.
+    #[arg(long)]
+    pub(crate) allow_incomplete: bool,
+    /// Start PostgreSQL and wait until recovery reaches the target.
+    #[arg(long)]
+    pub(crate) start: bool,
+    /// Port for --start.
+    #[arg(long = "port", default_value_t = 5432)]
+    pub(crate) start_port: u16,
+    /// Unix socket directory for --start.
+    #[arg(long, default_value = "/tmp")]
+    pub(crate) socket_dir: PathBuf,
+    /// How long --start waits for recovery.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) start_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) pg: PgArgs,
+    /// The pitr-agent binary for restore_command [default: beside pgrestore, else PATH].
+    #[arg(long, env = "PITR_AGENT")]
+    pub(crate) agent: Option<PathBuf>,
+    /// Only errors.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+    /// Print the plan and the outcome as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn target_of(args: &RestoreArgs) -> anyhow::Result<RecoveryTarget> {
+    Ok(if let Some(t) = &args.target_time {
+        RecoveryTarget::Time(TargetTime::parse(t)?)
+    } else if let Some(l) = args.target_lsn {
+        RecoveryTarget::Lsn(l)
+    } else if let Some(x) = args.target_xid {
+        RecoveryTarget::Xid(x)
+    } else if let Some(n) = &args.target_name {
+        RecoveryTarget::Name(n.clone())
+    } else if args.target.is_some() {
+        RecoveryTarget::Immediate
+    } else {
+        bail!(
+            "no recovery target: give one of --target-time '2026-11-21 14:30:00+00', \
+             --target-lsn, --target-xid, --target-name, or --target immediate"
+        )
+    })
+}
+
+/// The instant `t`'s wall-clock reading denotes in the local time zone, in UTC.
+pub(crate) fn local_reading(t: &TargetTime) -> Option<String> {
+    use chrono::TimeZone as _;
+    let naive = chrono::DateTime::from_timestamp_micros(t.micros)?.naive_utc();
+    let local = chrono::Local.from_local_datetime(&naive).earliest()?;
+    let micros = local.timestamp_micros();
+    Some(format!(
+        "{} ({} local)",
+        TargetTime {
+            micros,
+            assumed_utc: false
+        },
+        local.format("%:z")
+    ))
+}

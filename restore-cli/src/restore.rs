@@ -1,0 +1,375 @@
+//! plan → extract → configure → (start), from the agent library's `restore` module.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use pitr_agent::catalog::backup::{Catalog, DATA_FILE};
+use pitr_agent::cli::RepoArgs;
+use pitr_agent::report;
+use pitr_agent::restore::plan::{PlanRequest, RestorePlan};
+use pitr_agent::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
+use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTimeline};
+use pitr_agent::restore::{check_target_dir, extract};
+
+use crate::args::{RestoreArgs, local_reading, target_of};
+
+/// Plan, extract, configure and (with `--start`) start: the restore itself.
+pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let say = |line: &str| {
+        if !args.quiet && !args.json {
+            eprintln!("{line}");
+        }
+    };
+    let target = target_of(&args)?;
+    if let RecoveryTarget::Time(t) = &target
+        && t.assumed_utc
+    {
+        let typed = args.target_time.as_deref().unwrap_or_default();
+        if !args.utc {
+            bail!(
+                "--target-time {typed:?} has no UTC offset, so it is ambiguous: as UTC it is \
+                 {t}; in this machine's time zone it is {}. Add the offset (e.g. '{typed}+00') \
+                 or pass --utc to read it as UTC",
+                local_reading(t).unwrap_or_else(|| "unknown".to_owned())
+            );
+        }
+        say(&format!("pgrestore: --utc: reading the target as UTC, {t}"));
+    }
+    let Some(dir) = args.pgdata.clone() else {
+        bail!("no data directory: pass --pgdata DIR (or set PGDATA)");
+    };
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let existed = check_target_dir(&dir)?;
+    let agent = find_agent(args.agent.as_deref())?;
+
+    let repo = repo_args.open().await?;
+    repo.owner().await?;
+    let catalog = Catalog::load(&repo.storage)
+        .await
+        .with_context(|| format!("read the catalog of {}", repo.url))?;
+    let (histories, _) = catalog.histories(&repo.storage).await?;
+    let index = catalog.wal_index(histories);
+    let req = PlanRequest {
+        target: target.clone(),
+        timeline: args.target_timeline,
+        backup: args.backup.clone(),
+        allow_incomplete: args.allow_incomplete,
+    };
+    let plan = RestorePlan::compute(&catalog, &index, &req)?;
+    let action = args.target_action;
+    say(&plan_text(
+        &plan,
+        &target,
+        action,
+        &dir,
+        args.target_timeline,
+    ));
+    if args.dry_run {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        }
+        say("pgrestore: --dry-run: nothing was changed");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let started = Instant::now();
+    let stats = match restore_files(&repo, &plan, &dir, existed, &args).await {
+        Ok(stats) => stats,
+        Err(e) => {
+            clean(&dir, existed);
+            return Err(e.context(format!(
+                "restore into {} (it was left {})",
+                dir.display(),
+                if existed { "empty" } else { "absent" }
+            )));
+        }
+    };
+    let mut restore_command = format!("{} ", agent.display());
+    for a in repo_args.to_args() {
+        restore_command.push_str(&shell_word(&a));
+        restore_command.push(' ');
+    }
+    restore_command.push_str("wal-fetch %f %p");
+    let recovery = RecoveryConfig {
+        restore_command,
+        target: target.clone(),
+        timeline: plan.target_timeline.clone(),
+        action,
+        exclusive: args.exclusive,
+    };
+    let header = format!(
+        "added by pgrestore at {}: backup {}, recovery to {target}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        plan.backup.id
+    );
+    let removed = match recovery.write(&dir, &header) {
+        Ok(removed) => removed,
+        Err(e) => {
+            clean(&dir, existed);
+            bail!("write the recovery settings into {}: {e}", dir.display());
+        }
+    };
+    if !removed.is_empty() {
+        say(&format!(
+            "pgrestore: the backup carried recovery settings of an earlier restore; removed:\n  {}",
+            removed.join("\n  ")
+        ));
+    }
+    say(&format!(
+        "pgrestore: restored {} files ({}) in {:.1}s; recovery.signal and the recovery settings \
+         are in {}/postgresql.auto.conf",
+        stats.files,
+        report::bytes(stats.raw_bytes),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
+
+    let mut reached = None;
+    if args.start {
+        let pg = args.pg.resolve();
+        let major = plan.backup.pg_version / 10_000;
+        let pg_ctl = pg.program("pg_ctl", major)?;
+        let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
+        env.extend(repo_args.s3_env());
+        let cfg = StartConfig {
+            pg_ctl,
+            port: args.start_port,
+            socket_dir: args.socket_dir.clone(),
+            user: args
+                .pg
+                .user
+                .clone()
+                .unwrap_or_else(|| "postgres".to_owned()),
+            timeout: args.start_timeout,
+            env,
+            action,
+        };
+        say(&format!(
+            "pgrestore: starting PostgreSQL {major} on port {} (socket {}), waiting for {target}",
+            args.start_port,
+            args.socket_dir.display()
+        ));
+        let r = start_and_wait(&dir, &cfg).await?;
+        say(&format!(
+            "pgrestore: reached the target: last replayed transaction at {}, WAL replayed to {}; {}",
+            r.last_transaction_time
+                .as_deref()
+                .unwrap_or("(none replayed)"),
+            r.replay_lsn.as_deref().unwrap_or("(unknown)"),
+            match (r.running, r.promoted) {
+                (false, _) => "the server shut down at the target, as asked".to_owned(),
+                (true, true) => "the server is promoted and accepts writes".to_owned(),
+                (true, false) => "the server is paused at the target, read-only: check the data, \
+                                  then SELECT pg_wal_replay_resume() to promote"
+                    .to_owned(),
+            }
+        ));
+        reached = Some(r);
+    } else {
+        say(&format!(
+            "pgrestore: start PostgreSQL on {} to recover (or rerun with --start)",
+            dir.display()
+        ));
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "plan": plan,
+            "files": stats.files,
+            "raw-bytes": stats.raw_bytes,
+            "stored-bytes": stats.stored_bytes,
+            "seconds": started.elapsed().as_secs_f64(),
+            "removed-settings": removed,
+            "reached": reached.map(|mut r| { r.log.clear(); r }),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn restore_files(
+    repo: &pitr_agent::repository::Repository,
+    plan: &RestorePlan,
+    dir: &Path,
+    existed: bool,
+    args: &RestoreArgs,
+) -> anyhow::Result<extract::ExtractStats> {
+    if !existed {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    let key = plan.backup.id.key(DATA_FILE);
+    let reader = repo.storage.get_stream(&key).await?;
+    let total = plan
+        .backup
+        .objects
+        .iter()
+        .find(|o| o.name == DATA_FILE)
+        .map_or(0, |o| o.bytes);
+    let bar = (!args.quiet && !args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} restoring {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut next_line = total / 4;
+    let plain = !args.quiet && !args.json && bar.is_none();
+    let stats = extract::extract(reader, dir, |stored, _raw| {
+        if let Some(bar) = &bar {
+            bar.set_position(stored);
+        } else if plain && stored >= next_line && total > 0 {
+            eprintln!(
+                "pgrestore: {}% of the backup restored",
+                stored * 100 / total.max(1)
+            );
+            next_line = stored + total / 4;
+        }
+    })
+    .await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // With --start, PostgreSQL itself syncs the whole data directory before
+    // recovery begins (the backup's pg_control says it was not shut down
+    // cleanly, so startup runs SyncDataDirectory): a second pass would only
+    // cost time. Otherwise one filesystem sync instead of an fsync per file.
+    if !args.start {
+        let synced = std::process::Command::new("sync")
+            .arg("-f")
+            .arg(dir)
+            .status();
+        if !synced.is_ok_and(|s| s.success()) {
+            bail!(
+                "sync -f {} failed; the restored files may not be durable",
+                dir.display()
+            );
+        }
+    }
+    Ok(stats)
+}
+
+/// Removes what a failed restore wrote, leaving `dir` as it was found.
+fn clean(dir: &Path, existed: bool) {
+    if existed {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn find_agent(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return std::path::absolute(p).with_context(|| format!("--agent {}", p.display()));
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("pitr-agent")))
+        .filter(|p| p.is_file())
+    {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("pitr-agent"))
+                .find(|p| p.is_file())
+        })
+        .context(
+            "pitr-agent not found beside pgrestore or on PATH; pass --agent /path/to/pitr-agent",
+        )
+}
+
+/// A word safe inside a single-quoted postgresql.conf value run by `sh -c`.
+fn shell_word(word: &str) -> String {
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/:._-=%@+".contains(&b))
+    {
+        word.to_owned()
+    } else {
+        format!("\"{}\"", word.replace(['"', '\\', '$', '`'], ""))
+    }
+}
+
+fn plan_text(
+    plan: &RestorePlan,
+    target: &RecoveryTarget,
+    action: TargetAction,
+    dir: &Path,
+    asked: TargetTimeline,
+) -> String {
+    let b = &plan.backup;
+    let mut out = format!(
+        "pgrestore plan:\n  target:    {target}, timeline {} (--target-timeline {asked}, ends on timeline {}), then {}{}\n  \
+         backup:    {} (ended {}, {} stored, PostgreSQL {}, LSN {}..{})\n",
+        plan.target_timeline,
+        plan.timeline,
+        action.as_str(),
+        if action == TargetAction::Pause {
+            " (the default: inspect, then SELECT pg_wal_replay_resume() to promote)"
+        } else {
+            ""
+        },
+        b.id,
+        humantime::format_rfc3339_seconds(b.stop_time),
+        report::bytes(plan.backup_bytes),
+        b.pg_version / 10_000,
+        b.start_lsn,
+        b.stop_lsn
+    );
+    match (&plan.wal_first, &plan.wal_last) {
+        (Some(first), Some(last)) => out.push_str(&format!(
+            "  WAL:       {first}..{last} ({} segments, {} from the archive)\n",
+            plan.wal_segments,
+            report::bytes(plan.wal_bytes)
+        )),
+        _ => out.push_str("  WAL:       only what the backup carries\n"),
+    }
+    out.push_str(&format!(
+        "  to fetch:  {}\n",
+        report::bytes(plan.backup_bytes + plan.wal_bytes)
+    ));
+    if let Some(w) = &plan.window {
+        out.push_str(&format!(
+            "  window:    {} .. {}\n",
+            humantime::format_rfc3339_seconds(w.start),
+            humantime::format_rfc3339_seconds(w.end)
+        ));
+    }
+    out.push_str(&format!("  into:      {}\n", dir.display()));
+    for note in &plan.notes {
+        out.push_str(&format!("  note:      {note}\n"));
+    }
+    out.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_sh() {
+        assert_eq!(shell_word("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(shell_word("a b"), "\"a b\"");
+        assert_eq!(shell_word("$(rm)"), "\"(rm)\"");
+    }
+}
