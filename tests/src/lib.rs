@@ -11,6 +11,7 @@
 #![allow(clippy::missing_panics_doc, clippy::missing_errors_doc)]
 
 pub mod bins;
+pub mod manifests;
 pub mod measure;
 pub mod pg;
 pub mod s3;

@@ -411,3 +411,14 @@ fn status_files(wal_dir: &Path, suffix: &str) -> Vec<String> {
 
 /// Waits a bounded time for a condition on a cluster, for readability in tests.
 pub const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The PostgreSQL installation to test with, or a skip (fatal in CI).
+#[must_use]
+pub fn pg_bin() -> Option<PgBin> {
+    let bin = PgBin::find();
+    crate::prerequisite(
+        bin.is_some(),
+        "PostgreSQL server binaries (PG_BIN or postgresql-15)",
+    )
+    .then(|| bin.expect("checked"))
+}

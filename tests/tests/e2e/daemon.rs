@@ -100,7 +100,7 @@ fn scheduled_backups_metrics_and_a_clean_sigterm() {
     );
 
     // No dead alerts or panels: every metric they use is one the daemon exports.
-    let used = super::monitoring::metrics_used_by_monitoring();
+    let used = pitr_tests::manifests::metrics_used_by_monitoring();
     assert!(used.len() >= 10, "{used:?}");
     for name in used {
         let exported = body
@@ -258,7 +258,7 @@ impl Drop for Prometheus {
 /// The shipped alert rules with every `for:` removed: the same expressions,
 /// evaluated by a real Prometheus, without waiting minutes for them.
 fn rules_without_for() -> serde_yaml_ng::Value {
-    let mut rules = super::monitoring::yaml("pitr-alerts.rules.yml");
+    let mut rules = pitr_tests::manifests::yaml("pitr-alerts.rules.yml");
     for group in rules["groups"].as_sequence_mut().expect("groups") {
         for rule in group["rules"].as_sequence_mut().expect("rules") {
             rule.as_mapping_mut().expect("rule").remove("for");

@@ -6,18 +6,14 @@ mod backup;
 mod cli;
 mod conformance;
 mod daemon;
-mod docker;
 mod fetch;
-mod monitoring;
 mod restore;
-mod seeds;
-mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use pitr_tests::bins::{agent, agent_cmd, init_repo, run_ok};
-use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres};
+use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin, PgOptions, Postgres, pg_bin};
 use pitr_tests::s3::{S3Kind, S3Server};
 use pitr_tests::{RunAs, user_tempdir};
 use serde_json::Value;
@@ -26,16 +22,6 @@ use serde_json::Value;
 fn s3_server(kind: S3Kind) -> Option<S3Server> {
     pitr_tests::prerequisite(S3Server::available(kind), &format!("{kind:?} S3 server"))
         .then(|| S3Server::start(kind))
-}
-
-/// The PostgreSQL installation to test with, or a skip (fatal in CI).
-fn pg_bin() -> Option<PgBin> {
-    let bin = PgBin::find();
-    pitr_tests::prerequisite(
-        bin.is_some(),
-        "PostgreSQL server binaries (PG_BIN or postgresql-15)",
-    )
-    .then(|| bin.expect("checked"))
 }
 
 /// A running cluster whose archive_command is `pitr-agent wal-push` into `repo`.

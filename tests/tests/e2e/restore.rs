@@ -1027,8 +1027,9 @@ fn archiving_and_backups_through_a_flaky_s3_lose_nothing() {
     let faulted = proxy.counts.faulted.load(Ordering::Relaxed);
     let requests = proxy.counts.requests.load(Ordering::Relaxed);
     eprintln!("fault proxy: {faulted} of {requests} requests faulted");
+    // A run is ~60 requests: expect ~9 faults; 5 is far from chance.
     assert!(
-        faulted >= 10,
+        faulted >= 5,
         "only {faulted} of {requests} requests faulted"
     );
 

@@ -16,12 +16,7 @@ pub(crate) const KUBERNETES_VERSION: &str = "1.37";
 /// The overlays users apply.
 pub(crate) const OVERLAYS: [&str; 3] = ["dev", "production", "tenant-example"];
 
-pub(crate) fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+pub(crate) use pitr_tests::manifests::repo_root;
 
 fn tool(name: &str, package: &str) -> bool {
     prerequisite(which(name).is_some(), &format!("{name} ({package})"))

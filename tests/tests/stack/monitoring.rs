@@ -1,20 +1,10 @@
 //! The alert rules in manifests/monitoring: valid, and each one fires when
 //! it should and stays silent when healthy (`promtool test rules`).
 
-use std::path::PathBuf;
 use std::process::Command;
 
+use pitr_tests::manifests::{dashboard, monitoring_dir, yaml};
 use pitr_tests::which;
-
-fn monitoring_dir() -> PathBuf {
-    super::stack::repo_root().join("manifests/monitoring")
-}
-
-/// A YAML file under manifests/monitoring.
-pub(crate) fn yaml(name: &str) -> serde_yaml_ng::Value {
-    let text = std::fs::read_to_string(monitoring_dir().join(name)).expect("read");
-    serde_yaml_ng::from_str(&text).expect("valid YAML")
-}
 
 fn promtool(args: &[&str]) {
     let out = Command::new("promtool")
@@ -111,19 +101,13 @@ fn the_grafana_alert_rules_match_the_prometheus_rules() {
     }
 }
 
-fn dashboard() -> serde_json::Value {
-    let text = std::fs::read_to_string(monitoring_dir().join("grafana/pitr-dashboard.json"))
-        .expect("read the dashboard");
-    serde_json::from_str(&text).expect("the dashboard is JSON")
-}
-
 /// The dashboard, as a TypeScript constant of `@grafana/schema`'s
 /// `Dashboard` type, passes `tsc --noEmit`: unknown keys, wrong types and
 /// unknown enum values fail. JSON carries enum values, not TypeScript enum
 /// identities, so `Json<T>` maps string enums to their values.
 #[test]
 fn the_dashboard_type_checks_against_grafana_schema() {
-    let dir = super::stack::repo_root().join(".ci/grafana-schema");
+    let dir = pitr_tests::manifests::repo_root().join(".ci/grafana-schema");
     let tsc = dir.join("node_modules/.bin/tsc");
     if !pitr_tests::prerequisite(
         tsc.exists() && dir.join("node_modules/@grafana/schema").exists(),
@@ -152,43 +136,4 @@ fn the_dashboard_type_checks_against_grafana_schema() {
     );
     let panels = dashboard()["panels"].as_array().expect("panels").len();
     assert!(panels >= 10, "{panels} panels");
-}
-
-fn pitr_names(text: &str, into: &mut Vec<String>) {
-    into.extend(
-        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("pitr_"))
-            .map(str::to_owned),
-    );
-}
-
-fn exprs(v: &serde_json::Value, into: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                match (k.as_str(), v) {
-                    ("expr", serde_json::Value::String(e)) => pitr_names(e, into),
-                    _ => exprs(v, into),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, into)),
-        _ => {}
-    }
-}
-
-/// Every `pitr_*` metric the alert rules (Prometheus and Grafana) and the
-/// dashboard's panels use, for the daemon test to check against /metrics.
-pub(crate) fn metrics_used_by_monitoring() -> Vec<String> {
-    let mut names = Vec::new();
-    for file in ["pitr-alerts.rules.yml", "grafana/pitr-alert-rules.yaml"] {
-        let text = std::fs::read_to_string(monitoring_dir().join(file)).expect("read the rules");
-        pitr_names(&text, &mut names);
-    }
-    let before = names.len();
-    exprs(&dashboard(), &mut names);
-    assert!(names.len() > before, "no pitr_ metric in the dashboard");
-    names.sort();
-    names.dedup();
-    names
 }
