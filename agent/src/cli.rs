@@ -154,3 +154,43 @@ where
         }
     }
 }
+
+/// `--help` text with every `[env: NAME=value]` shown as `[env: NAME=]`:
+/// clap prints the current value of a set variable, which would make help
+/// snapshots depend on the environment.
+#[must_use]
+pub fn help_without_env_values(help: &str) -> String {
+    let mut out = String::with_capacity(help.len());
+    let mut rest = help;
+    while let Some(at) = rest.find("[env: ") {
+        let (before, after) = rest.split_at(at);
+        out.push_str(before);
+        let Some(eq) = after.find('=') else {
+            out.push_str(after);
+            return out;
+        };
+        let Some(end) = after[eq..].find(']') else {
+            out.push_str(after);
+            return out;
+        };
+        out.push_str(&after[..=eq]);
+        out.push(']');
+        rest = &after[eq + end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_are_hidden_in_help() {
+        assert_eq!(
+            help_without_env_values("x [env: PGHOST=/run/pg] y [env: PITR_REPO=] z"),
+            "x [env: PGHOST=] y [env: PITR_REPO=] z"
+        );
+        assert_eq!(help_without_env_values("no env"), "no env");
+    }
+}

@@ -58,4 +58,19 @@ mod tests {
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// Every command's `--help`: its own flags first, then the shared
+    /// Repository flags; a change of interface shows up in review.
+    #[test]
+    fn help_texts() {
+        let mut cli = Cli::command();
+        let mut all = pitr_agent::cli::help_without_env_values(&cli.render_long_help().to_string());
+        for sub in cli.get_subcommands_mut().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_name().to_owned();
+            let help = sub.render_long_help().to_string();
+            all.push_str(&format!("\n===== pitr-agent {name} --help\n"));
+            all.push_str(&pitr_agent::cli::help_without_env_values(&help));
+        }
+        insta::assert_snapshot!(all);
+    }
 }

@@ -54,4 +54,10 @@ mod tests {
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn help_text() {
+        let help = Cli::command().render_long_help().to_string();
+        insta::assert_snapshot!(pitr_agent::cli::help_without_env_values(&help));
+    }
 }

@@ -554,6 +554,15 @@ pub(crate) mod test_support {
 mod tests {
     use super::*;
 
+    /// The committed format of `backup.json`: a change here is a change of
+    /// the repository format (bump RECORD_FORMAT, keep reading the old one).
+    #[test]
+    fn backup_json_format() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let record = test_support::record(2, 3, t);
+        insta::assert_snapshot!(serde_json::to_string_pretty(&record).expect("json"));
+    }
+
     #[tokio::test]
     async fn records_are_read_once_and_forgotten_when_pruned() {
         let dir = tempfile::tempdir().expect("tempdir");

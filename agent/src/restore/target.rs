@@ -372,4 +372,15 @@ mod tests {
         assert!("0".parse::<TargetTimeline>().is_err());
         assert!("newest".parse::<TargetTimeline>().is_err());
     }
+
+    proptest::proptest! {
+        /// Every time from 1970 to 9999, to the microsecond, prints as
+        /// PostgreSQL reads it and parses back to itself.
+        #[test]
+        fn target_times_round_trip(micros in 0i64..253_402_300_800_000_000) {
+            let t = TargetTime { micros, assumed_utc: false };
+            let back = TargetTime::parse(&t.to_string()).expect("parses");
+            proptest::prop_assert_eq!(back, t);
+        }
+    }
 }

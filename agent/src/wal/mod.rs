@@ -142,4 +142,12 @@ mod tests {
         assert_eq!(segment_header(&page), None);
         assert_eq!(segment_header(&page[..10]), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn lsns_round_trip(x in proptest::prelude::any::<u64>()) {
+            let text = Lsn(x).to_string();
+            proptest::prop_assert_eq!(text.parse::<Lsn>().expect("parses"), Lsn(x));
+        }
+    }
 }

@@ -243,4 +243,29 @@ mod tests {
         assert_eq!(name.segment_no(DEFAULT_SEGMENT_SIZE), None);
         assert_eq!(name.next_segment(DEFAULT_SEGMENT_SIZE), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn segment_names_round_trip(
+            tl in 1u32..=u32::MAX,
+            shift in 20u32..=30,
+            segno in 0u64..(1u64 << 40),
+        ) {
+            let size = 1u32 << shift;
+            let segno = segno % ((u64::from(u32::MAX) + 1) * (0x1_0000_0000 / u64::from(size)));
+            let name = WalFileName::segment(TimelineId(tl), SegmentNo(segno), size);
+            let parsed: WalFileName = name.as_str().parse().expect("a segment name parses");
+            proptest::prop_assert_eq!(&parsed, &name);
+            proptest::prop_assert_eq!(parsed.timeline(), TimelineId(tl));
+            proptest::prop_assert_eq!(parsed.segment_no(size), Some(SegmentNo(segno)));
+            proptest::prop_assert_eq!(parsed.kind(), WalFileKind::Segment);
+        }
+
+        #[test]
+        fn anything_that_parses_prints_back_the_same(text in "[0-9A-F]{24}(\\.partial)?|[0-9A-F]{8}\\.history") {
+            if let Ok(name) = text.parse::<WalFileName>() {
+                proptest::prop_assert_eq!(name.as_str(), text.as_str());
+            }
+        }
+    }
 }
