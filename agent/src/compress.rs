@@ -51,6 +51,16 @@ impl std::fmt::Display for Sha256Digest {
     }
 }
 
+impl std::str::FromStr for Sha256Digest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_hex(s).ok_or_else(|| format!("{s:?} is not a SHA-256 in hex"))
+    }
+}
+
+serde_as_text!(Sha256Digest);
+
 /// Compresses `raw` into one gzip member named `name`, recording `digest`, on
 /// one thread. See [`gzip_parallel`] for the multi-threaded form.
 ///

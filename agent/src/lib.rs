@@ -19,6 +19,25 @@
 //! - `daemon` (feature `daemon`): schedules, HTTP, metrics for the sidecar.
 #![warn(missing_docs)]
 
+/// Serializes a type as its `Display` text and deserializes it with
+/// `FromStr`, so that records carry typed values as plain JSON strings.
+macro_rules! serde_as_text {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod archive;
 pub mod backup;
 pub mod catalog;

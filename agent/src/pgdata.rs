@@ -8,6 +8,30 @@ use std::path::{Path, PathBuf};
 
 use crate::wal::WalFileName;
 
+/// A cluster's system identifier (`pg_controldata`'s "Database system
+/// identifier"). Records carry it as a decimal string: it exceeds 2^53, the
+/// largest integer many JSON readers keep exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SystemId(pub u64);
+
+impl std::fmt::Display for SystemId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for SystemId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse()
+            .map(SystemId)
+            .map_err(|_| format!("{s:?} is not a system identifier (a decimal number)"))
+    }
+}
+
+serde_as_text!(SystemId);
+
 /// The cluster's system identifier: the first field of `ControlFileData`,
 /// stored at byte 0 of `global/pg_control` in every PostgreSQL version.
 ///

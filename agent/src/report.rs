@@ -110,8 +110,8 @@ pub fn listing(catalog: &Catalog, now: SystemTime) -> Listing<'_> {
                 raw_bytes: b.raw_bytes,
                 stored_bytes: b.stored_bytes,
                 timeline: b.timeline.0,
-                first_wal: &b.first_wal,
-                last_wal: &b.last_wal,
+                first_wal: b.first_wal.as_str(),
+                last_wal: b.last_wal.as_str(),
                 stop_lsn: b.stop_lsn.to_string(),
                 pg_version: b.pg_version,
             })

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use crate::catalog::{self, InitOutcome, OwnerError, RepositoryOwner};
+use crate::pgdata::SystemId;
 use crate::storage::{ObjectKey, Storage};
 use crate::wal::WalFileName;
 
@@ -75,12 +76,8 @@ impl Repository {
     /// URL on another endpoint, or a repository replaced at the same URL, is
     /// another repository.
     #[must_use]
-    pub fn identity(&self, system_identifier: Option<&str>) -> String {
-        format!(
-            "{} {} {}",
-            self.storage.endpoint(),
-            self.url,
-            system_identifier.unwrap_or("unclaimed")
-        )
+    pub fn identity(&self, system_identifier: Option<SystemId>) -> String {
+        let owner = system_identifier.map_or_else(|| "unclaimed".to_owned(), |id| id.to_string());
+        format!("{} {} {owner}", self.storage.endpoint(), self.url)
     }
 }

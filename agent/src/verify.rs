@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 use async_compression::tokio::bufread::GzipDecoder;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+
+use crate::compress::Sha256Digest;
 use tokio::io::{AsyncReadExt, BufReader};
 
 use crate::backup::manifest::{FileHasher, PgManifest};
@@ -242,7 +244,7 @@ async fn verify_backup(
                 Err(e) => return Err(e),
             };
             report.bytes_read += body.len() as u64;
-            let sha = hex::encode(Sha256::digest(&body));
+            let sha = Sha256Digest::of(&body);
             if sha != object.sha256 {
                 report.findings.push(error(format!(
                     "{} has sha256 {sha}, backup.json says {}; {restore_hint}",
@@ -307,7 +309,7 @@ async fn verify_backup(
     {
         stream_error = Some(e.to_string());
     }
-    let sha = hex::encode(hasher.finalize());
+    let sha = Sha256Digest(hasher.finalize().into());
     if stream_error.is_none() && sha != data.sha256 {
         stream_error = Some(format!("sha256 is {sha}, backup.json says {}", data.sha256));
     }
@@ -361,8 +363,8 @@ impl<'a> TarChecker<'a> {
             current: None,
             problems: Vec::new(),
             checked: 0,
-            first_wal: &backup.first_wal,
-            last_wal: &backup.last_wal,
+            first_wal: backup.first_wal.as_str(),
+            last_wal: backup.last_wal.as_str(),
             wal_included: backup.wal_included,
         }
     }

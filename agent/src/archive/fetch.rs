@@ -98,7 +98,7 @@ pub async fn wal_fetch(
         .clone()
         .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
     let owner = repo.owner().await?;
-    let identity = repo.identity(owner.system_identifier.as_deref());
+    let identity = repo.identity(owner.system_identifier);
     let prefetch_dir = (cfg.prefetch > 0)
         .then(|| PrefetchDir::open(&spool, &identity))
         .flatten();

@@ -72,7 +72,7 @@ pub async fn wal_push(
     // URL, never inherits them.
     let markers = Arc::new(Markers::new(
         spool.join("archived"),
-        &repo.identity(Some(&cluster.to_string())),
+        &repo.identity(Some(crate::pgdata::SystemId(cluster))),
     ));
     // Decide first whether the requested file still needs compressing, so
     // that the cores are split between the files that really do.

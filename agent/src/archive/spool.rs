@@ -54,10 +54,7 @@ pub async fn prefetch(repo: &Repository, req: &PrefetchRequest, count: usize) {
     let Ok(owner) = repo.owner().await else {
         return;
     };
-    let Some(dir) = PrefetchDir::open(
-        &req.spool,
-        &repo.identity(owner.system_identifier.as_deref()),
-    ) else {
+    let Some(dir) = PrefetchDir::open(&req.spool, &repo.identity(owner.system_identifier)) else {
         return;
     };
     let Ok(lock) = std::fs::OpenOptions::new()

@@ -28,7 +28,9 @@ use crate::catalog::backup::{
     BackupId, BackupRecord, DATA_FILE, MANIFEST_FILE, RECORD_FILE, RECORD_FORMAT, STARTED_FILE,
     StoredObject,
 };
+use crate::compress::Sha256Digest;
 use crate::pgconn::{PgError, PgTarget};
+use crate::pgdata::SystemId;
 use crate::repository::Repository;
 use crate::storage::{PutMode, StorageError};
 use crate::wal::{Lsn, WalFileName};
@@ -505,7 +507,7 @@ async fn commit(
     let manifest_object = StoredObject {
         name: MANIFEST_FILE.to_owned(),
         bytes: manifest_body.len() as u64,
-        sha256: hex::encode(Sha256::digest(&manifest_body)),
+        sha256: Sha256Digest::of(&manifest_body),
     };
     repo.storage
         .put(&id.key(MANIFEST_FILE), manifest_body, PutMode::CreateOnly)
@@ -515,20 +517,19 @@ async fn commit(
         format: RECORD_FORMAT,
         id: id.clone(),
         label: label.label,
-        system_identifier: facts.system_identifier.to_string(),
+        system_identifier: SystemId(facts.system_identifier),
         pg_version: facts.version,
         wal_segment_size: seg,
         start_timeline,
         timeline,
         start_lsn,
         stop_lsn,
-        first_wal: WalFileName::segment(start_timeline, start_lsn.segment(seg), seg).to_string(),
+        first_wal: WalFileName::segment(start_timeline, start_lsn.segment(seg), seg),
         last_wal: WalFileName::segment(
             timeline,
             Lsn(stop_lsn.0.saturating_sub(1)).segment(seg),
             seg,
-        )
-        .to_string(),
+        ),
         wal_included: true,
         start_time: facts.start_time,
         stop_time: taken.stop_time,

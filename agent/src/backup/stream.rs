@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::compress::{CHUNK, deflate_chunk, deflate_finish, gzip_header, gzip_trailer};
+use crate::compress::{
+    CHUNK, Sha256Digest, deflate_chunk, deflate_finish, gzip_header, gzip_trailer,
+};
 
 /// The last 32 KiB of input, the deflate window for the next chunk.
 const WINDOW: usize = 32 * 1024;
@@ -28,7 +30,7 @@ pub struct StreamStats {
     /// Compressed bytes emitted.
     pub stored_bytes: u64,
     /// SHA-256 of the compressed bytes, hex.
-    pub stored_sha256: String,
+    pub stored_sha256: Sha256Digest,
 }
 
 /// Compresses what `input` yields into `out`, calling `observe` on every raw
@@ -91,7 +93,7 @@ where
     Ok(StreamStats {
         raw_bytes,
         stored_bytes: sink.bytes,
-        stored_sha256: hex::encode(sink.hasher.finalize()),
+        stored_sha256: Sha256Digest(sink.hasher.finalize().into()),
     })
 }
 
@@ -182,7 +184,7 @@ mod tests {
             let (gz, stats) = compress(raw.clone(), 2).await;
             assert_eq!(stats.raw_bytes, size as u64);
             assert_eq!(stats.stored_bytes, gz.len() as u64);
-            assert_eq!(stats.stored_sha256, hex::encode(Sha256::digest(&gz)));
+            assert_eq!(stats.stored_sha256, Sha256Digest::of(&gz));
             // GzDecoder (not Multi) proves there is exactly one member.
             let mut back = Vec::new();
             flate2::read::GzDecoder::new(&gz[..])

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compress::gunzip_verified;
+use crate::compress::{Sha256Digest, gunzip_verified};
+use crate::pgdata::SystemId;
 use crate::storage::{ObjectKey, ObjectMeta, Storage, StorageError};
 use crate::wal::{Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName, WalIndex};
 
@@ -130,7 +131,7 @@ pub struct StoredObject {
     /// Stored bytes.
     pub bytes: u64,
     /// SHA-256 of the stored bytes, hex.
-    pub sha256: String,
+    pub sha256: Sha256Digest,
 }
 
 /// `backup.json`: everything needed to list, verify and restore a backup.
@@ -144,7 +145,7 @@ pub struct BackupRecord {
     /// The label given to PostgreSQL.
     pub label: String,
     /// The cluster's system identifier, decimal.
-    pub system_identifier: String,
+    pub system_identifier: SystemId,
     /// `server_version_num`, e.g. 150018.
     pub pg_version: u32,
     /// The WAL segment size in bytes.
@@ -160,9 +161,9 @@ pub struct BackupRecord {
     #[serde(with = "lsn_text")]
     pub stop_lsn: Lsn,
     /// The first WAL segment the backup needs.
-    pub first_wal: String,
+    pub first_wal: WalFileName,
     /// The last WAL segment the backup needs.
-    pub last_wal: String,
+    pub last_wal: WalFileName,
     /// Whether that WAL is inside the tar (`pg_wal/`), so the backup restores alone.
     pub wal_included: bool,
     /// When the backup started (before `pg_basebackup` was launched), RFC 3339.
@@ -529,22 +530,26 @@ pub(crate) mod test_support {
             format: 1,
             id: BackupId::at(start),
             label: String::new(),
-            system_identifier: "1".into(),
+            system_identifier: SystemId(7_301_234_567_890_123_456),
             pg_version: 150_000,
             wal_segment_size: DEFAULT_SEGMENT_SIZE,
             start_timeline: TimelineId(tl),
             timeline: TimelineId(tl),
             start_lsn: Lsn(segno * seg + 40),
             stop_lsn: Lsn(segno * seg + 400),
-            first_wal: String::new(),
-            last_wal: String::new(),
+            first_wal: WalFileName::segment(TimelineId(tl), SegmentNo(segno), DEFAULT_SEGMENT_SIZE),
+            last_wal: WalFileName::segment(TimelineId(tl), SegmentNo(segno), DEFAULT_SEGMENT_SIZE),
             wal_included: true,
             start_time: start,
             stop_time,
             raw_bytes: 0,
             stored_bytes: 0,
             manifest_checksums: "CRC32C".into(),
-            objects: vec![],
+            objects: vec![StoredObject {
+                name: DATA_FILE.into(),
+                bytes: 4,
+                sha256: crate::compress::Sha256Digest::of(b"data"),
+            }],
             created_by: String::new(),
         }
     }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{CLAIM_KEY, OWNER_KEY};
+use crate::pgdata::SystemId;
 use crate::storage::{ObjectKey, PutMode, Storage, StorageError};
 
 /// The repository format this build writes and reads.
@@ -33,7 +34,7 @@ pub struct RepositoryOwner {
     /// `None` in the record when `init` ran before the cluster existed; then
     /// [`read_repository`] fills it from `pitr-owner.json` once claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system_identifier: Option<String>,
+    pub system_identifier: Option<SystemId>,
     /// When the repository was first written, RFC 3339.
     pub created_at: String,
     /// The tool and version that created it.
@@ -45,7 +46,7 @@ pub struct RepositoryOwner {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct OwnerClaim {
-    system_identifier: String,
+    system_identifier: SystemId,
     claimed_at: String,
     claimed_by: String,
 }
@@ -63,7 +64,7 @@ pub enum OwnerError {
         /// The repository.
         url: String,
         /// Its owner.
-        owner: String,
+        owner: SystemId,
         /// This cluster.
         ours: u64,
     },
@@ -133,7 +134,7 @@ pub async fn init_repository(
             storage.create_root().await?;
             let record = RepositoryOwner {
                 format: FORMAT_VERSION,
-                system_identifier: system_identifier.map(|id| id.to_string()),
+                system_identifier: system_identifier.map(SystemId),
                 created_at: now_rfc3339(),
                 created_by: CREATED_BY.to_owned(),
             };
@@ -157,10 +158,10 @@ pub async fn init_repository(
             InitOutcome::Created(o) | InitOutcome::Existed(o) => o,
         };
         match &owner.system_identifier {
-            Some(theirs) if *theirs != ours.to_string() => {
+            Some(theirs) if *theirs != SystemId(ours) => {
                 return Err(OwnerError::OtherCluster {
                     url: url.to_owned(),
-                    owner: theirs.clone(),
+                    owner: *theirs,
                     ours,
                 });
             }
@@ -228,10 +229,10 @@ pub async fn ensure_owner(
         Some(id) => id,
         None => {
             claim(storage, repo_url, system_identifier).await?;
-            system_identifier.to_string()
+            SystemId(system_identifier)
         }
     };
-    if owner != system_identifier.to_string() {
+    if owner != SystemId(system_identifier) {
         return Err(OwnerError::OtherCluster {
             url: repo_url.to_owned(),
             owner,
@@ -255,7 +256,7 @@ pub async fn ensure_owner(
 /// another cluster claimed it first, that is an error.
 async fn claim(storage: &Storage, url: &str, system_identifier: u64) -> Result<(), OwnerError> {
     let record = OwnerClaim {
-        system_identifier: system_identifier.to_string(),
+        system_identifier: SystemId(system_identifier),
         claimed_at: now_rfc3339(),
         claimed_by: CREATED_BY.to_owned(),
     };
@@ -278,7 +279,7 @@ async fn claim(storage: &Storage, url: &str, system_identifier: u64) -> Result<(
             .ok_or_else(|| StorageError::NotFound(storage.location(&key)))?,
         Err(e) => return Err(e.into()),
     };
-    if owner.system_identifier == system_identifier.to_string() {
+    if owner.system_identifier == SystemId(system_identifier) {
         Ok(())
     } else {
         Err(OwnerError::OtherCluster {

@@ -92,6 +92,8 @@ impl FromStr for WalFileName {
     }
 }
 
+serde_as_text!(WalFileName);
+
 impl fmt::Display for WalFileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)
