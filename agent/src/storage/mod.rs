@@ -6,6 +6,8 @@
 
 mod local_fs;
 mod s3;
+#[cfg(feature = "fault-injection")]
+pub mod unreliable;
 
 pub use local_fs::LocalFs;
 pub use s3::{PART_SIZE as S3_PART_SIZE, S3Options, S3Store};
@@ -278,6 +280,9 @@ pub enum Storage {
     Local(LocalFs),
     /// `s3://`
     S3(S3Store),
+    /// `file://` behind injected faults (tests; see [`unreliable`]).
+    #[cfg(feature = "fault-injection")]
+    Unreliable(std::sync::Arc<unreliable::Unreliable>),
 }
 
 macro_rules! dispatch {
@@ -285,6 +290,8 @@ macro_rules! dispatch {
         match $self {
             Storage::Local($s) => $call,
             Storage::S3($s) => $call,
+            #[cfg(feature = "fault-injection")]
+            Storage::Unreliable($s) => $call,
         }
     };
 }
@@ -296,6 +303,21 @@ impl Storage {
     /// The local directory cannot be created, or the S3 client cannot be configured.
     pub async fn open(url: &RepoUrl, options: &S3Options) -> Result<Self, StorageError> {
         match url {
+            #[cfg(feature = "fault-injection")]
+            RepoUrl::File(path) if std::env::var_os(unreliable::FAULTS_ENV).is_some() => {
+                let spec = std::env::var(unreliable::FAULTS_ENV).unwrap_or_default();
+                let mut plan = unreliable::FaultPlan::parse(&spec).map_err(|reason| {
+                    StorageError::InvalidUrl {
+                        url: url.to_string(),
+                        reason,
+                    }
+                })?;
+                plan.seed ^= u64::from(std::process::id());
+                let inner = LocalFs::open(path.clone()).await?;
+                Ok(Storage::Unreliable(std::sync::Arc::new(
+                    unreliable::Unreliable::new(inner, plan),
+                )))
+            }
             RepoUrl::File(path) => Ok(Storage::Local(LocalFs::open(path.clone()).await?)),
             RepoUrl::S3 { bucket, prefix } => Ok(Storage::S3(
                 S3Store::connect(bucket.clone(), prefix.clone(), options).await,
@@ -311,6 +333,8 @@ impl Storage {
         match self {
             Storage::Local(_) => "file",
             Storage::S3(s) => s.endpoint(),
+            #[cfg(feature = "fault-injection")]
+            Storage::Unreliable(_) => "file",
         }
     }
 
@@ -432,6 +456,8 @@ impl Storage {
         match self {
             Storage::Local(s) => s.create_root().await,
             Storage::S3(s) => s.head_bucket().await,
+            #[cfg(feature = "fault-injection")]
+            Storage::Unreliable(s) => s.inner().create_root().await,
         }
     }
 
@@ -450,6 +476,8 @@ impl Storage {
         match self {
             Storage::Local(s) => s.remove_stale_temp_files(older_than).await,
             Storage::S3(_) => Ok(0),
+            #[cfg(feature = "fault-injection")]
+            Storage::Unreliable(s) => s.inner().remove_stale_temp_files(older_than).await,
         }
     }
 

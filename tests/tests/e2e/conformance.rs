@@ -185,6 +185,28 @@ async fn local_fs_conforms() {
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
 
+/// Issue 12: the conformance body through the `Unreliable` wrapper: 15 %
+/// of attempts fail before reaching the store, 10 % of writes fail after
+/// the store applied them, 5 % are slow; the client retries 8 times, as
+/// the S3 SDK does. Every retried create-only write meets its own object.
+#[tokio::test]
+async fn local_fs_conforms_through_the_unreliable_wrapper() {
+    use pitr_agent::storage::LocalFs;
+    use pitr_agent::storage::unreliable::{FaultPlan, Unreliable};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plan =
+        FaultPlan::parse("seed=20261201,before=0.15,after=0.1,slow=0.05,delay-ms=2,attempts=8")
+            .expect("plan");
+    let inner = LocalFs::open(dir.path().join("repo")).await.expect("open");
+    let store = std::sync::Arc::new(Unreliable::new(inner, plan));
+    conformance(Storage::Unreliable(std::sync::Arc::clone(&store))).await;
+    assert!(
+        store.injected() >= 10,
+        "only {} faults injected; the test proves nothing",
+        store.injected()
+    );
+}
+
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {

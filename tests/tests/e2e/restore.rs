@@ -1070,3 +1070,87 @@ fn archiving_and_backups_through_a_flaky_s3_lose_nothing() {
     );
     assert_eq!(r.ids(), ids(1..=2), "the target, exactly");
 }
+
+/// Issue 12: archiving, two backups, verify and a PITR restore, every
+/// agent process behind the `Unreliable` wrapper (`PITR_TEST_FAULTS`): 15 %
+/// of attempts fail before the store, half the writes fail after it applied
+/// them, with 20 client retries. Nothing may fail for good, and the restore
+/// must be exact.
+#[test]
+fn archiving_backups_and_restore_through_an_unreliable_file_repository() {
+    let Some(bin) = pg_bin() else { return };
+    let log = tempfile::NamedTempFile::new().expect("fault log");
+    RunAs::test_user().chown_tree(log.path());
+    let faults = format!(
+        "seed=11,before=0.15,after=0.5,slow=0.02,delay-ms=5,attempts=20,log={}",
+        log.path().display()
+    );
+    let conf = ["track_commit_timestamp = on"];
+    let setup = {
+        let tmp = pitr_tests::user_tempdir(RunAs::test_user(), "repo");
+        let dir = tmp.path().join("archive");
+        let repo = format!("file://{}", dir.display());
+        let env = vec![(
+            pitr_agent::storage::unreliable::FAULTS_ENV.to_owned(),
+            faults,
+        )];
+        Setup {
+            pg: super::archiving_cluster_with(&bin, &repo, &env, &conf),
+            repo,
+            env,
+            dir: Some(dir),
+            _tmp: Some(tmp),
+            server: None,
+        }
+    };
+    setup
+        .pg
+        .exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
+    let mut src = Source {
+        setup,
+        markers: Vec::new(),
+    };
+    src.mark(1);
+    let _b1 = src.backup_id();
+    for id in 2..=4 {
+        src.mark(id);
+    }
+    let _ = src.pg.switch_wal();
+    let _b2 = src.backup_id();
+    for id in 5..=7 {
+        src.mark(id);
+    }
+    src.archive_now();
+    ok(
+        &src.run(&["verify", "--strict"]),
+        "verify --strict through faults",
+    );
+    let r = Restored::new(&bin);
+    let t5 = src.time_between(5);
+    ok(
+        &r.pgrestore(
+            &src,
+            &["--target-time", &t5, "--start", "--target-action", "pause"],
+        ),
+        "PITR restore through faults",
+    );
+    assert_eq!(r.ids(), ids(1..=5), "the target, exactly");
+    let injected = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let count = |kind: &str| injected.lines().filter(|l| l.starts_with(kind)).count();
+    eprintln!(
+        "unreliable: {} faults before, {} after a write, {} slow",
+        count("before "),
+        count("after "),
+        count("slow ")
+    );
+    assert!(
+        count("before ") >= 5,
+        "faults before the store: {}",
+        count("before ")
+    );
+    assert!(
+        count("after put") >= 2,
+        "writes applied and failed: {}",
+        count("after put")
+    );
+}
