@@ -40,6 +40,20 @@ pub fn prerequisite(available: bool, what: &str) -> bool {
     available
 }
 
+/// A seeded random generator for a randomized test: `PITR_TEST_SEED` when
+/// set (to replay a run), else a fresh seed. The seed is printed, with
+/// `what`, so that a failing run can be replayed.
+#[must_use]
+pub fn seeded_rng(what: &str) -> (u64, rand::rngs::StdRng) {
+    use rand::{Rng as _, SeedableRng as _};
+    let seed: u64 = std::env::var("PITR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("{what}: seed {seed} (PITR_TEST_SEED={seed} replays it)");
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
+
 /// The user that tests run PostgreSQL and archive commands as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunAs {

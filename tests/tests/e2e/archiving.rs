@@ -129,18 +129,13 @@ fn a_repository_outage_loses_nothing() {
 /// left and `verify --strict` is clean.
 #[test]
 fn killed_pushes_leave_nothing_a_retry_and_prune_cannot_fix() {
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
     let Some(bin) = pg_bin() else { return };
     let loops: usize = std::env::var("PITR_KILL_LOOPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let seed: u64 = std::env::var("PITR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("killed pushes: {loops} loops, seed {seed} (PITR_TEST_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (_, mut rng) = pitr_tests::seeded_rng("killed pushes");
     let setup = super::Setup::file(&bin);
     let _ = setup.backup();
     // Pause archiving: the WAL waits in .ready for the kill loop.

@@ -13,7 +13,7 @@ use pitr_tests::bins::pgrestore;
 use pitr_tests::pg::{ARCHIVE_TIMEOUT, PgBin};
 use pitr_tests::s3::S3Kind;
 use pitr_tests::{RunAs, free_port, user_tempdir, wait_for};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use super::{Setup, pg_bin};
 
@@ -245,12 +245,7 @@ fn randomized_pitr(bin: &PgBin, kind: Option<S3Kind>) {
         return;
     };
     let (b1, _b2) = history(&mut src);
-    let seed: u64 = std::env::var("PITR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("randomized_pitr seed {seed} (PITR_TEST_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = pitr_tests::seeded_rng("randomized_pitr");
     let mut k = |lo: i32, hi: i32| rng.random_range(lo..=hi);
 
     // (what, pgrestore target args, expected marker ids)

@@ -177,12 +177,7 @@ fn pitr_under_load(bin: &PgBin, kind: Option<S3Kind>) {
     let Some(src) = Source::start_with(bin, kind, &["wal_keep_size = '4GB'"]) else {
         return;
     };
-    let seed: u64 = std::env::var("PITR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("pitr_under_load seed {seed} (PITR_TEST_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = pitr_tests::seeded_rng("pitr_under_load");
 
     src.pg
         .exec("CREATE TABLE load (id bigint PRIMARY KEY, writer int NOT NULL)");
