@@ -172,7 +172,9 @@ impl MemoryBudget {
     /// (raw, and gzip's worst case of stored blocks beside it).
     async fn acquire_for(&self, path: &Path) -> OwnedSemaphorePermit {
         let size = std::fs::metadata(path).map_or(0, |m| m.len());
-        self.acquire(size * 2 + Self::UNIT).await
+        // Exactly twice: two segments then compress at once within the
+        // budget (a unit more would serialize them and idle a core).
+        self.acquire(size * 2).await
     }
 
     fn units(&self, bytes: u64) -> u32 {
