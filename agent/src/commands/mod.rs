@@ -16,9 +16,11 @@ pub mod catalog;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 
+#[cfg(feature = "daemon")]
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+#[cfg(feature = "daemon")]
 use crate::cli::RepoArgs;
 
 /// `pitr-agent`'s commands.
