@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
-use pitr_agent::catalog::backup::{Catalog, DATA_FILE};
+use pitr_agent::catalog::backup::DATA_FILE;
 use pitr_agent::cli::RepoArgs;
+use pitr_agent::commands::catalog::open_catalog;
 use pitr_agent::report;
 use pitr_agent::restore::plan::{PlanRequest, RestorePlan};
 use pitr_agent::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
@@ -45,11 +46,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     let existed = check_target_dir(&dir)?;
     let agent = find_agent(args.agent.as_deref())?;
 
-    let repo = repo_args.open().await?;
-    repo.owner().await?;
-    let catalog = Catalog::load(&repo.storage)
-        .await
-        .with_context(|| format!("read the catalog of {}", repo.url))?;
+    let (repo, catalog) = open_catalog(repo_args, "read the catalog of").await?;
     let (histories, _) = catalog.histories(&repo.storage).await?;
     let index = catalog.wal_index(histories);
     let req = PlanRequest {

@@ -93,10 +93,7 @@ pub async fn wal_fetch(
         cause: source,
     })?;
     let dest_dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let spool = cfg
-        .spool
-        .clone()
-        .unwrap_or_else(|| dest_dir.join(SPOOL_DIR_NAME));
+    let spool = spool_dir(cfg.spool.as_deref(), &dest_dir);
     let owner = repo.owner().await?;
     let identity = repo.identity(owner.system_identifier);
     let prefetch_dir = (cfg.prefetch > 0)

@@ -28,7 +28,7 @@ pub use push::{PushConfig, PushOutcome, wal_push};
 pub use spool::{clear_spool_after_recovery, prefetch};
 
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::catalog::OwnerError;
 use crate::compress::{GzipError, Sha256Digest};
@@ -46,6 +46,11 @@ const PREFETCH_CONCURRENCY: usize = 4;
 
 /// The spool directory's default name, beside the WAL file (normally in `pg_wal`).
 pub const SPOOL_DIR_NAME: &str = "pitr_spool";
+
+/// The spool: `configured` (`PITR_SPOOL`), else `pitr_spool` in `wal_dir`.
+fn spool_dir(configured: Option<&Path>, wal_dir: &Path) -> PathBuf {
+    configured.map_or_else(|| wal_dir.join(SPOOL_DIR_NAME), Path::to_path_buf)
+}
 
 /// A failure of `wal-push` or `wal-fetch`, with what to do in the message.
 #[derive(Debug, thiserror::Error)]

@@ -60,10 +60,7 @@ pub async fn wal_push(
             cause: source,
         })?;
     let wal_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let spool = cfg
-        .spool
-        .clone()
-        .unwrap_or_else(|| wal_dir.join(SPOOL_DIR_NAME));
+    let spool = spool_dir(cfg.spool.as_deref(), &wal_dir);
     repo.claim(cluster, &spool.join("repository-owner"), cfg.auto_init)
         .await?;
 
@@ -122,8 +119,11 @@ pub async fn wal_push(
     };
     while neighbours.join_next().await.is_some() {}
     markers.forget_archived(&wal_dir);
-    // The first push after a promotion empties what the restore's prefetcher left.
-    clear_spool_after_recovery(&cfg.pgdata, &spool);
+    // The first push after a promotion empties what the restore's
+    // prefetcher left (one stat per push when there is nothing to empty).
+    if spool.join("prefetch").exists() {
+        clear_spool_after_recovery(&cfg.pgdata, &spool);
+    }
     outcome
 }
 

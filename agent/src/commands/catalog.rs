@@ -9,8 +9,23 @@ use super::ClockArgs;
 use crate::catalog::backup::{BackupId, Catalog};
 use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
 use crate::cli::RepoArgs;
+use crate::repository::Repository;
 use crate::verify::{self, VerifyOptions};
 use crate::{prune, report};
+
+/// Opens the repository, refuses a location without one, and lists it;
+/// errors say `{what} URL`.
+///
+/// # Errors
+/// No repository at the URL; the listing fails.
+pub async fn open_catalog(args: &RepoArgs, what: &str) -> anyhow::Result<(Repository, Catalog)> {
+    let repo = args.open().await?;
+    repo.owner().await?;
+    let catalog = Catalog::load(&repo.storage)
+        .await
+        .with_context(|| format!("{what} {}", repo.url))?;
+    Ok((repo, catalog))
+}
 
 /// `list`.
 #[derive(Debug, clap::Args)]
@@ -29,11 +44,7 @@ impl ListArgs {
     /// # Errors
     /// No repository at the URL; the listing fails.
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
-        let repo = repo.open().await?;
-        repo.owner().await?;
-        let catalog = Catalog::load(&repo.storage)
-            .await
-            .with_context(|| format!("list {}", repo.url))?;
+        let (_, catalog) = open_catalog(repo, "list").await?;
         let listing = report::listing(&catalog, self.clock.now());
         if self.json {
             println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -71,11 +82,7 @@ impl VerifyArgs {
     /// # Errors
     /// No repository at the URL; verify could not run.
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
-        let repo = repo.open().await?;
-        repo.owner().await?;
-        let catalog = Catalog::load(&repo.storage)
-            .await
-            .with_context(|| format!("verify {}", repo.url))?;
+        let (repo, catalog) = open_catalog(repo, "verify").await?;
         let opts = VerifyOptions {
             backup: self.backup,
             max_age: self.max_age,
@@ -153,11 +160,7 @@ impl PruneArgs {
     /// # Errors
     /// No repository at the URL; no retention policy; a deletion fails.
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
-        let repo = repo.open().await?;
-        repo.owner().await?;
-        let catalog = Catalog::load(&repo.storage)
-            .await
-            .with_context(|| format!("prune {}", repo.url))?;
+        let (repo, catalog) = open_catalog(repo, "prune").await?;
         let policy = self.retention.resolve();
         let plan = RetentionPlan::compute(&catalog, &policy, self.clock.now())?;
         if self.json {

@@ -77,13 +77,19 @@ impl Setup {
 
     /// A file:// repository; `conf` adds postgresql.conf lines.
     pub(crate) fn file_with(bin: &PgBin, conf: &[&str]) -> Self {
+        Self::file_with_env(bin, Vec::new(), conf)
+    }
+
+    /// A file:// repository; `env` reaches the server's `archive_command`
+    /// and every command the test runs.
+    pub(crate) fn file_with_env(bin: &PgBin, env: Vec<(String, String)>, conf: &[&str]) -> Self {
         let tmp = user_tempdir(RunAs::test_user(), "repo");
         let dir = tmp.path().join("archive");
         let repo = format!("file://{}", dir.display());
         Setup {
-            pg: archiving_cluster_with(bin, &repo, &[], conf),
+            pg: archiving_cluster_with(bin, &repo, &env, conf),
             repo,
-            env: Vec::new(),
+            env,
             dir: Some(dir),
             _tmp: Some(tmp),
             server: None,

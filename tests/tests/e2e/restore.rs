@@ -56,13 +56,18 @@ impl Source {
             None => Setup::file_with(bin, &conf),
             Some(kind) => Setup::s3_with(bin, kind, "pitr", &conf)?,
         };
+        Some(Self::from_setup(setup))
+    }
+
+    /// Markers on `setup`'s cluster.
+    fn from_setup(setup: Setup) -> Self {
         setup
             .pg
             .exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
-        Some(Source {
+        Source {
             setup,
             markers: Vec::new(),
-        })
+        }
     }
 
     /// Takes a backup and returns its id.
@@ -983,18 +988,14 @@ fn archiving_and_backups_through_a_flaky_s3_lose_nothing() {
     flaky.push(("PITR_S3_MAX_ATTEMPTS".into(), "8".into()));
     let repo = server.url("flaky");
     let pg = super::archiving_cluster_with(&bin, &repo, &flaky, &["track_commit_timestamp = on"]);
-    pg.exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
-    let mut src = Source {
-        setup: Setup {
-            pg,
-            repo,
-            env: server.env(),
-            dir: None,
-            _tmp: None,
-            server: Some(server),
-        },
-        markers: Vec::new(),
-    };
+    let mut src = Source::from_setup(Setup {
+        pg,
+        repo,
+        env: server.env(),
+        dir: None,
+        _tmp: None,
+        server: Some(server),
+    });
     let sums = "SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts";
     let flaky_backup = |src: &Source| -> String {
         let out = src
@@ -1081,30 +1082,11 @@ fn archiving_backups_and_restore_through_an_unreliable_file_repository() {
         log.path().display()
     );
     let conf = ["track_commit_timestamp = on"];
-    let setup = {
-        let tmp = pitr_tests::user_tempdir(RunAs::test_user(), "repo");
-        let dir = tmp.path().join("archive");
-        let repo = format!("file://{}", dir.display());
-        let env = vec![(
-            pitr_agent::storage::unreliable::FAULTS_ENV.to_owned(),
-            faults,
-        )];
-        Setup {
-            pg: super::archiving_cluster_with(&bin, &repo, &env, &conf),
-            repo,
-            env,
-            dir: Some(dir),
-            _tmp: Some(tmp),
-            server: None,
-        }
-    };
-    setup
-        .pg
-        .exec("CREATE TABLE markers (id int PRIMARY KEY, tl int)");
-    let mut src = Source {
-        setup,
-        markers: Vec::new(),
-    };
+    let env = vec![(
+        pitr_agent::storage::unreliable::FAULTS_ENV.to_owned(),
+        faults,
+    )];
+    let mut src = Source::from_setup(Setup::file_with_env(&bin, env, &conf));
     src.mark(1);
     let _b1 = src.backup_id();
     for id in 2..=4 {
