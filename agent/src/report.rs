@@ -157,9 +157,14 @@ pub fn listing_table(l: &Listing<'_>) -> String {
     }
     match &l.restorable_window {
         Some(w) => {
+            let streamed = w
+                .streamed_to
+                .as_ref()
+                .map(|lsn| format!(", streamed to {lsn}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "restorable window: {} .. {} (newest archived WAL: {})",
+                "restorable window: {} .. {} (newest archived WAL: {}{streamed})",
                 time(w.start),
                 time(w.end),
                 w.newest_wal.as_deref().unwrap_or("none")

@@ -31,8 +31,9 @@ pub(crate) struct RestoreArgs {
     /// Recover to this restore point (pg_create_restore_point).
     #[arg(long)]
     pub(crate) target_name: Option<String>,
-    /// `immediate`: recover only to the end of the backup.
-    #[arg(long, value_parser = ["immediate"])]
+    /// `immediate`: recover only to the end of the backup. `latest`: recover
+    /// everything archived and streamed, then promote (the node-loss restore).
+    #[arg(long, value_parser = ["immediate", "latest"])]
     pub(crate) target: Option<String>,
     /// Timeline to follow: latest, current (the backup's) or a number.
     #[arg(long, default_value = "latest")]
@@ -88,12 +89,14 @@ pub(crate) fn target_of(args: &RestoreArgs) -> anyhow::Result<RecoveryTarget> {
         RecoveryTarget::Xid(x)
     } else if let Some(n) = &args.target_name {
         RecoveryTarget::Name(n.clone())
+    } else if args.target.as_deref() == Some("latest") {
+        RecoveryTarget::Latest
     } else if args.target.is_some() {
         RecoveryTarget::Immediate
     } else {
         bail!(
             "no recovery target: give one of --target-time '2026-11-21 14:30:00+00', \
-             --target-lsn, --target-xid, --target-name, or --target immediate"
+             --target-lsn, --target-xid, --target-name, --target immediate or --target latest"
         )
     })
 }

@@ -56,7 +56,16 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         allow_incomplete: args.allow_incomplete,
     };
     let plan = RestorePlan::compute(&catalog, &index, &req)?;
-    let action = args.target_action;
+    // Without a target PostgreSQL replays all there is and promotes: it
+    // cannot pause or shut down there.
+    let action = if target == RecoveryTarget::Latest {
+        if args.target_action != TargetAction::Pause {
+            say("pgrestore: --target latest always promotes; --target-action is ignored");
+        }
+        TargetAction::Promote
+    } else {
+        args.target_action
+    };
     say(&plan_text(
         &plan,
         &target,

@@ -4,10 +4,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::catalog;
+use crate::catalog::partial::{PartialPiece, covering_chain, partial_prefix, piece_of};
 use crate::compress::{self, GzipError, Sha256Digest};
 use crate::repository::Repository;
 use crate::storage::StorageError;
-use crate::wal::{WalFileKind, WalFileName};
+use crate::wal::{self, Lsn, WalFileKind, WalFileName};
 
 use super::spool::{PrefetchDir, data_dir_of};
 use super::*;
@@ -60,6 +61,9 @@ pub enum FetchOutcome {
     Downloaded,
     /// Taken from the prefetch spool.
     Prefetched,
+    /// Not archived whole: the streamed part, up to this position, padded
+    /// with zeros to a segment (recovery ends where the bytes end).
+    Streamed(Lsn),
 }
 
 /// What the caller should do after a fetch: start a prefetcher for what follows.
@@ -104,8 +108,16 @@ pub async fn wal_fetch(
     let outcome = if spooled == Some(true) {
         FetchOutcome::Prefetched
     } else {
-        download_to(repo, &name, dest).await?;
-        FetchOutcome::Downloaded
+        match download_to(repo, &name, dest).await {
+            Ok(_) => FetchOutcome::Downloaded,
+            Err(e) if e.is_not_in_repository() && name.kind() == WalFileKind::Segment => {
+                match restore_streamed(repo, &name, dest).await? {
+                    Some(end) => return Ok((FetchOutcome::Streamed(end), None)),
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
     };
     let request = (cfg.prefetch > 0 && name.kind() == WalFileKind::Segment)
         .then(|| segment_size_of(dest))
@@ -175,6 +187,105 @@ fn write_verified(gz: &[u8], dest: &Path, location: &str) -> Result<Sha256Digest
         std::fs::rename(&tmp, dest).map_err(write_err)?;
         sync_dir(dest).map_err(write_err)?;
         Ok(digest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Restores the streamed part of segment `name` (never archived whole) to
+/// `dest`: the pieces that cover it from its first byte, then zeros to the
+/// segment size, as `pg_receivewal` leaves a `.partial` file. `None` when no
+/// piece starts at the segment's first byte.
+async fn restore_streamed(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Option<Lsn>, ArchiveError> {
+    let pieces: Vec<PartialPiece> = repo
+        .storage
+        .list(&partial_prefix(name))
+        .await?
+        .iter()
+        .filter_map(piece_of)
+        .filter(|p| &p.segment == name)
+        .collect();
+    // The piece that starts first holds the segment's long page header,
+    // and with it the segment size that places the segment's first byte.
+    let Some(first) = pieces.iter().min_by_key(|p| p.start) else {
+        return Ok(None);
+    };
+    let first_bytes = piece_bytes(repo, first).await?;
+    let Some(header) = wal::segment_header(&first_bytes) else {
+        return Ok(None);
+    };
+    let seg = header.segment_size;
+    let Some(segno) = name.segment_no(seg) else {
+        return Ok(None);
+    };
+    let segment_start = Lsn(segno.0 * u64::from(seg));
+    let chain = covering_chain(&pieces, segment_start);
+    let Some(end) = chain.last().map(|p| p.end) else {
+        return Ok(None);
+    };
+    let mut data = Vec::with_capacity(seg as usize);
+    for piece in chain {
+        let bytes = if piece.meta.key == first.meta.key {
+            first_bytes.clone()
+        } else {
+            piece_bytes(repo, piece).await?
+        };
+        let covered = segment_start.0 + data.len() as u64;
+        let skip = usize::try_from(covered - piece.start.0).unwrap_or(usize::MAX);
+        data.extend_from_slice(bytes.get(skip..).unwrap_or_default());
+    }
+    data.resize(seg as usize, 0);
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_plain(&data, &dest))
+        .await
+        .map_err(|e| join_error(Path::new(name.as_str()), e))??;
+    tracing::info!(file = %name, streamed_to = %end, "restored the streamed part of a segment never archived whole");
+    Ok(Some(end))
+}
+
+/// One streamed piece, decompressed and checked against its key's length.
+async fn piece_bytes(repo: &Repository, piece: &PartialPiece) -> Result<Vec<u8>, ArchiveError> {
+    let location = repo.storage.location(&piece.meta.key);
+    let gz = repo.storage.get(&piece.meta.key).await?;
+    let mut out = Vec::new();
+    compress::gunzip_verified(&gz, &mut out).map_err(|cause| ArchiveError::Corrupt {
+        location: location.clone(),
+        cause,
+    })?;
+    if out.len() as u64 != piece.end.0 - piece.start.0 {
+        return Err(ArchiveError::Corrupt {
+            location,
+            cause: GzipError::Corrupt(io::Error::other(format!(
+                "holds {} bytes, but its name says {}",
+                out.len(),
+                piece.end.0 - piece.start.0
+            ))),
+        });
+    }
+    Ok(out)
+}
+
+fn write_plain(data: &[u8], dest: &Path) -> Result<(), ArchiveError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let file_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+    let tmp = dir.join(format!(".{file_name}.pitr-tmp.{}", std::process::id()));
+    let write_err = |source: io::Error| ArchiveError::WriteDest {
+        path: dest.display().to_string(),
+        cause: source,
+        hint: "check the data directory's volume",
+    };
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+        file.write_all(data).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, dest).map_err(write_err)?;
+        sync_dir(dest).map_err(write_err)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -268,6 +268,9 @@ pub struct Catalog {
     pub incomplete: Vec<Incomplete>,
     /// Every WAL object, sorted by name.
     pub wal: Vec<WalObject>,
+    /// Streamed segments with no complete copy yet, sorted by name: how far
+    /// each reaches (see [`super::partial`]).
+    pub streamed: Vec<super::partial::StreamedSegment>,
 }
 
 /// The `backup.json` records read so far, by backup and size. They are
@@ -405,6 +408,18 @@ impl Catalog {
         catalog
             .wal
             .sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        let pieces = storage
+            .list(super::partial::PARTIAL_PREFIX)
+            .await?
+            .iter()
+            .filter_map(super::partial::piece_of)
+            .collect();
+        let complete: std::collections::HashSet<&WalFileName> =
+            catalog.wal.iter().map(|w| &w.name).collect();
+        let streamed = super::partial::streamed_segments(pieces, catalog.segment_size(), |n| {
+            complete.contains(n)
+        });
+        catalog.streamed = streamed;
         Ok(catalog)
     }
 
@@ -454,7 +469,10 @@ impl Catalog {
     /// The archived WAL and `histories`, indexed for continuity questions.
     #[must_use]
     pub fn wal_index(&self, histories: HashMap<TimelineId, TimelineHistory>) -> WalIndex {
-        let names: Vec<WalFileName> = self.wal.iter().map(|w| w.name.clone()).collect();
+        let mut names: Vec<WalFileName> = self.wal.iter().map(|w| w.name.clone()).collect();
+        // The segment the stream is writing counts as present: a restore
+        // replays its pieces up to where they reach.
+        names.extend(self.stream_end().map(|s| s.name.clone()));
         WalIndex::new(&names, histories, self.segment_size())
     }
 
@@ -481,6 +499,39 @@ impl Catalog {
             })
     }
 
+    /// The segment the stream was writing last, when it continues the
+    /// archive: streamed and newer than every complete segment of its
+    /// timeline. Pieces of older segments are leftovers, not the end.
+    #[must_use]
+    pub fn stream_end(&self) -> Option<&super::partial::StreamedSegment> {
+        let seg = self.segment_size();
+        let newest = self
+            .streamed
+            .iter()
+            .max_by_key(|s| (s.name.timeline(), s.name.segment_no(seg)))?;
+        let beyond = self.wal.iter().all(|w| {
+            w.name.kind() != WalFileKind::Segment
+                || w.name.timeline() != newest.name.timeline()
+                || w.name.segment_no(seg) < newest.name.segment_no(seg)
+        });
+        beyond.then_some(newest)
+    }
+
+    /// When WAL file `name` was stored: its object, else its streamed pieces.
+    #[must_use]
+    pub fn stored_time(&self, name: &WalFileName) -> Option<SystemTime> {
+        self.wal
+            .iter()
+            .find(|w| &w.name == name)
+            .and_then(|w| w.meta.modified)
+            .or_else(|| {
+                self.streamed
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .and_then(|s| s.modified)
+            })
+    }
+
     /// The window of times a restore can reach: from the oldest backup's end
     /// to the newest archived WAL (or the newest backup's end, if later).
     #[must_use]
@@ -489,14 +540,16 @@ impl Catalog {
         let newest_backup_end = self.backups.iter().map(|b| b.stop_time).max()?;
         let newest_wal = self.newest_segment();
         let wal_time = newest_wal.and_then(|w| w.meta.modified);
-        let end = match wal_time {
-            Some(t) if t > newest_backup_end => t,
-            _ => newest_backup_end,
-        };
+        let stream = self.stream_end();
+        let end = [wal_time, stream.and_then(|s| s.modified)]
+            .into_iter()
+            .flatten()
+            .fold(newest_backup_end, SystemTime::max);
         Some(RestorableWindow {
             start: oldest.stop_time,
             end,
             newest_wal: newest_wal.map(|w| w.name.to_string()),
+            streamed_to: stream.map(|s| s.end.to_string()),
         })
     }
 }
@@ -513,6 +566,9 @@ pub struct RestorableWindow {
     pub end: SystemTime,
     /// The newest archived WAL segment.
     pub newest_wal: Option<String>,
+    /// Where the streamed WAL after it ends (an LSN), when streaming.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_to: Option<String>,
 }
 
 /// Records for unit tests.

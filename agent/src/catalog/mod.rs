@@ -6,6 +6,8 @@
 //!   (written by `pitr-agent init`);
 //! - `pitr-owner.json`: the owner, when `init` ran before the cluster existed;
 //! - `wal/<walfile>.gz`: every archived WAL file, plain gzip;
+//! - `wal-partial/<segment>/<start>-<end>.gz`: streamed pieces of the segment
+//!   being written (see [`partial`]);
 //! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last.
 //!
 //! Also the retention planner. Knows nothing about how objects are stored or
@@ -13,6 +15,7 @@
 
 pub mod backup;
 mod identity;
+pub mod partial;
 pub mod retention;
 
 pub use identity::{

@@ -121,9 +121,19 @@ impl WalPushArgs {
     /// # Errors
     /// No `--pgdata` and no current directory.
     pub fn resolve(&self) -> anyhow::Result<PushConfig> {
+        let cwd = std::env::current_dir().context("cannot determine the current directory")?;
         let pgdata = match &self.pgdata {
+            // `pg_ctl -D data` hands the server PGDATA=data, relative to
+            // where pg_ctl ran; archive_command runs in the data directory.
+            Some(dir)
+                if dir.is_relative()
+                    && !dir.join("global/pg_control").exists()
+                    && cwd.join("global/pg_control").exists() =>
+            {
+                cwd
+            }
             Some(dir) => dir.clone(),
-            None => std::env::current_dir().context("cannot determine the current directory")?,
+            None => cwd,
         };
         Ok(PushConfig {
             pgdata,

@@ -215,7 +215,9 @@ impl RestorePlan {
                 }
                 on_timeline.first().expect("non-empty")
             }
-            RecoveryTarget::Immediate => on_timeline.last().expect("non-empty"),
+            RecoveryTarget::Immediate | RecoveryTarget::Latest => {
+                on_timeline.last().expect("non-empty")
+            }
         };
         let (backup, timeline) = (chosen.0, chosen.1);
         let target_timeline = timeline.to_string();
@@ -239,18 +241,31 @@ impl RestorePlan {
                         ),
                     });
                 }
+                // In the segment the stream is writing, only what it stored.
+                let stream = catalog.stream_end().filter(|st| {
+                    st.name
+                        == WalFileName::segment(WalIndex::timeline_for(&path, newest), newest, seg)
+                });
+                if let Some(st) = stream
+                    && want == newest
+                    && *l > st.end
+                    && !req.allow_incomplete
+                {
+                    return Err(PlanError::BeyondArchive {
+                        target: req.target.to_string(),
+                        newest: format!("{newest_text}, streamed to LSN {}", st.end),
+                    });
+                }
                 Some(want.min(newest))
             }
+            RecoveryTarget::Latest => Some(newest),
             RecoveryTarget::Time(t) => {
                 // When the newest segment on this path was archived (other
                 // timelines may have gone further), or the backup's end.
                 let newest_name =
                     WalFileName::segment(WalIndex::timeline_for(&path, newest), newest, seg);
                 let reach = catalog
-                    .wal
-                    .iter()
-                    .find(|w| w.name == newest_name)
-                    .and_then(|w| w.meta.modified)
+                    .stored_time(&newest_name)
                     // S3 object times have one-second precision.
                     .map(|m| (m + std::time::Duration::from_secs(1)).max(backup.stop_time))
                     .or(Some(backup.stop_time));
@@ -280,6 +295,12 @@ impl RestorePlan {
                     .wal
                     .iter()
                     .filter_map(|w| Some((&w.name, w.meta.modified?)))
+                    .chain(
+                        catalog
+                            .streamed
+                            .iter()
+                            .filter_map(|st| Some((&st.name, st.modified?))),
+                    )
                     .collect();
                 let stamped_after = (last_in_tar.0..=end.0).map(SegmentNo).find(|s| {
                     let name = WalFileName::segment(WalIndex::timeline_for(&path, *s), *s, seg);

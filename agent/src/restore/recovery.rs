@@ -34,14 +34,18 @@ impl RecoveryConfig {
     pub fn lines(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "restore_command = {}", quote(&self.restore_command));
-        let (key, value) = match &self.target {
-            RecoveryTarget::Time(t) => ("recovery_target_time", t.to_string()),
-            RecoveryTarget::Lsn(l) => ("recovery_target_lsn", l.to_string()),
-            RecoveryTarget::Xid(x) => ("recovery_target_xid", x.to_string()),
-            RecoveryTarget::Name(n) => ("recovery_target_name", n.clone()),
-            RecoveryTarget::Immediate => ("recovery_target", "immediate".to_owned()),
+        let target = match &self.target {
+            RecoveryTarget::Time(t) => Some(("recovery_target_time", t.to_string())),
+            RecoveryTarget::Lsn(l) => Some(("recovery_target_lsn", l.to_string())),
+            RecoveryTarget::Xid(x) => Some(("recovery_target_xid", x.to_string())),
+            RecoveryTarget::Name(n) => Some(("recovery_target_name", n.clone())),
+            RecoveryTarget::Immediate => Some(("recovery_target", "immediate".to_owned())),
+            // No target: recovery replays all WAL there is, then promotes.
+            RecoveryTarget::Latest => None,
         };
-        let _ = writeln!(out, "{key} = {}", quote(&value));
+        if let Some((key, value)) = target {
+            let _ = writeln!(out, "{key} = {}", quote(&value));
+        }
         let _ = writeln!(out, "recovery_target_timeline = {}", quote(&self.timeline));
         let _ = writeln!(
             out,

@@ -23,6 +23,8 @@ pub enum RecoveryTarget {
     Name(String),
     /// `recovery_target = 'immediate'`: the end of the backup.
     Immediate,
+    /// No target: everything archived and streamed, then promote.
+    Latest,
 }
 
 /// Which timeline recovery follows.
@@ -245,6 +247,7 @@ impl fmt::Display for RecoveryTarget {
             Self::Xid(x) => write!(f, "transaction {x}"),
             Self::Name(n) => write!(f, "restore point {n:?}"),
             Self::Immediate => f.write_str("the end of the backup (immediate)"),
+            Self::Latest => f.write_str("the newest archived or streamed WAL (latest)"),
         }
     }
 }
