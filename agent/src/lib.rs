@@ -14,6 +14,7 @@
 //! - [`pgdata`]: what is read from a data directory;
 //! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
 //! - [`restore`]: `pgrestore`'s plan, extraction and recovery;
+//! - [`stream`]: WAL streaming over the replication protocol (`PITR_STREAM`);
 //! - [`cli`]: the flags and environment both binaries share, and their `main`;
 //! - [`commands`]: each command's arguments and handler;
 //! - `daemon` (feature `daemon`): schedules, HTTP, metrics for the sidecar.
@@ -53,5 +54,6 @@ pub mod report;
 pub mod repository;
 pub mod restore;
 pub mod storage;
+pub mod stream;
 pub mod verify;
 pub mod wal;

@@ -24,6 +24,7 @@ mod push;
 mod spool;
 
 pub use fetch::{FetchConfig, FetchOutcome, PrefetchRequest, wal_fetch, wal_fetch_retrying};
+pub(crate) use push::store_compressed;
 pub use push::{PushConfig, PushOutcome, wal_push};
 pub use spool::{clear_spool_after_recovery, prefetch};
 

@@ -233,28 +233,38 @@ async fn push_file(
         .map_err(|e| join_error(path, e))??
     };
     budget.shrink(&mut permit, gz.len() as u64);
-    let key = catalog::wal_key(name);
-    let location = repo.storage.location(&key);
     tracing::debug!(file = %name, raw, stored = gz.len(), "pushing");
+    let outcome =
+        store_compressed(&repo.storage, &catalog::wal_key(name), name, digest, gz).await?;
+    Ok((outcome, digest))
+}
+
+/// Stores `gz` (the gzip of content with `digest`) under `key`, create-only:
+/// identical content already there is success, different content is
+/// [`ArchiveError::Conflict`]. `wal-push` and the WAL stream both store
+/// through here, so whichever comes second meets an identical object.
+pub(crate) async fn store_compressed(
+    storage: &Storage,
+    key: &crate::storage::ObjectKey,
+    name: &WalFileName,
+    digest: Sha256Digest,
+    gz: Vec<u8>,
+) -> Result<PushOutcome, ArchiveError> {
     // Look first: stores that ignore If-None-Match must never be overwritten.
-    if repo.storage.head(&key).await?.is_none() {
-        match repo
-            .storage
-            .put(&key, Bytes::from(gz), PutMode::CreateOnly)
-            .await
-        {
-            Ok(()) => return Ok((PushOutcome::Stored, digest)),
+    if storage.head(key).await?.is_none() {
+        match storage.put(key, Bytes::from(gz), PutMode::CreateOnly).await {
+            Ok(()) => return Ok(PushOutcome::Stored),
             Err(StorageError::AlreadyExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    let stored = stored_digest(&repo.storage, &key).await?;
+    let stored = stored_digest(storage, key).await?;
     if stored == digest {
-        Ok((PushOutcome::AlreadyArchived, digest))
+        Ok(PushOutcome::AlreadyArchived)
     } else {
         Err(ArchiveError::Conflict {
             name: name.to_string(),
-            location,
+            location: storage.location(key),
             stored,
             local: digest,
         })

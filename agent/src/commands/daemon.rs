@@ -8,6 +8,7 @@ use super::catalog::RetentionArgs;
 use crate::cli::RepoArgs;
 use crate::daemon::{self, DaemonConfig, schedule::Schedule};
 use crate::pgconn::PgArgs;
+use crate::stream::StreamConfig;
 
 /// `daemon`.
 #[derive(Debug, clap::Args)]
@@ -36,6 +37,20 @@ pub struct DaemonArgs {
     /// Scheduled verify: an error when the newest backup is older than this.
     #[arg(long, env = "PITR_VERIFY_MAX_AGE", default_value = "26h", value_parser = humantime::parse_duration)]
     pub max_age: Duration,
+    /// Stream WAL over the replication protocol as it is written (on/off).
+    #[arg(long, env = "PITR_STREAM", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = "off", hide_possible_values = true)]
+    pub stream: bool,
+    /// The physical replication slot the stream uses, created if missing;
+    /// also its application_name for synchronous_standby_names.
+    #[arg(long, env = "PITR_STREAM_SLOT", default_value = crate::stream::DEFAULT_SLOT)]
+    pub stream_slot: String,
+    /// Async stream: how often the segment being written is stored.
+    #[arg(long, env = "PITR_STREAM_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub stream_flush: Duration,
+    /// Sync stream: store new WAL at once. With synchronous_standby_names =
+    /// 'pitr_agent', a commit returns only once it is in the repository.
+    #[arg(long, env = "PITR_STREAM_SYNC", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = "off", hide_possible_values = true)]
+    pub stream_sync: bool,
     /// Scheduled backups: the same settings as `backup`.
     #[command(flatten)]
     pub backup: BackupSettings,
@@ -64,15 +79,27 @@ impl DaemonArgs {
                  and/or PITR_RETAIN_DAYS"
             );
         }
+        if self.stream_flush.is_zero() {
+            anyhow::bail!("PITR_STREAM_FLUSH must be above zero, e.g. 5s");
+        }
+        let backup_cfg = self.backup.resolve();
+        let stream = self.stream.then(|| StreamConfig {
+            slot: self.stream_slot.clone(),
+            flush_every: self.stream_flush,
+            sync: self.stream_sync,
+            level: backup_cfg.level,
+            auto_init: backup_cfg.auto_init,
+        });
         Ok(DaemonConfig {
             listen: self.listen,
+            stream,
             backup: parse(&self.backup_schedule)?,
             verify: parse(&self.verify_schedule)?,
             prune,
             refresh: self.refresh,
             pg: self.pg.resolve(),
             pgdata: self.pgdata,
-            backup_cfg: self.backup.resolve(),
+            backup_cfg,
             retention: self.retention.resolve(),
             verify_max_age: Some(self.max_age),
         })

@@ -42,7 +42,7 @@ pub enum Command {
     /// Delete backups and WAL that retention no longer needs.
     Prune(catalog::PruneArgs),
     /// Run as a sidecar: scheduled backup/verify/prune, /healthz /readyz /status /metrics.
-    Daemon(daemon::DaemonArgs),
+    Daemon(Box<daemon::DaemonArgs>),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
     #[command(hide = true)]
     WalPrefetch(archive::WalPrefetchArgs),

@@ -86,6 +86,16 @@ pub struct Metrics {
     pub verify_findings: Family<SeverityLabel, Gauge>,
     /// Objects deleted by prune.
     pub prune_deleted: Family<Kind, Counter>,
+    /// 1 while the WAL stream streams.
+    pub stream_up: Gauge,
+    /// Server end of WAL minus what the stream stored.
+    pub stream_lag: Gauge,
+    /// When the stream last stored WAL.
+    pub stream_last_stored: FloatGauge,
+    /// WAL the stream's slot keeps on the server.
+    pub slot_retained: Gauge,
+    /// Times the stream found its slot invalidated.
+    pub slot_invalidations: Gauge,
 }
 
 impl Metrics {
@@ -178,6 +188,48 @@ impl Metrics {
         );
     }
 
+    /// Registers the stream's metrics (only when streaming is on, so that
+    /// a daemon without a stream does not export a permanent "down").
+    pub fn register_stream(&self, r: &mut Registry) {
+        r.register(
+            "pitr_stream_up",
+            "1 while the WAL stream is connected and streaming",
+            self.stream_up.clone(),
+        );
+        r.register(
+            "pitr_stream_lag_bytes",
+            "The server's end of WAL minus the end of what the stream stored",
+            self.stream_lag.clone(),
+        );
+        r.register(
+            "pitr_stream_last_stored_timestamp_seconds",
+            "When the stream last stored WAL in the repository",
+            self.stream_last_stored.clone(),
+        );
+        r.register(
+            "pitr_slot_retained_bytes",
+            "WAL the stream's replication slot keeps on the server",
+            self.slot_retained.clone(),
+        );
+        r.register(
+            "pitr_slot_invalidations",
+            "Times the stream found its replication slot invalidated since the daemon started",
+            self.slot_invalidations.clone(),
+        );
+    }
+
+    /// Copies the stream's state into its gauges.
+    pub fn update_from_stream(&self, s: &crate::stream::StreamStatus) {
+        self.stream_up.set(i64::from(s.up));
+        self.stream_lag
+            .set(i64::try_from(s.lag_bytes()).unwrap_or(i64::MAX));
+        if let Some(t) = s.last_stored_unix {
+            self.stream_last_stored.set(t);
+        }
+        self.slot_invalidations
+            .set(i64::try_from(s.slot_invalidations).unwrap_or(i64::MAX));
+    }
+
     /// Creates every labelled series at zero, so that dashboards and alerts
     /// see them before the first event (no series is not the same as 0).
     pub fn create_label_sets(&self) {
@@ -241,6 +293,9 @@ pub struct Status {
     pub ready_segments: u64,
     /// The last verify: errors and warnings, and when.
     pub last_verify: Option<serde_json::Value>,
+    /// The WAL stream, when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<crate::stream::StreamStatus>,
     /// The last backup run's error, if it failed.
     pub last_backup_error: Option<String>,
     /// When the figures were refreshed.

@@ -27,6 +27,7 @@ use crate::catalog::backup::{Catalog, RecordCache};
 use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
 use crate::pgconn::PgTarget;
 use crate::repository::Repository;
+use crate::stream::StreamConfig;
 use crate::verify::{Severity, VerifyOptions, verify};
 use events::EventRecorder;
 use metrics::{Job, Kind, Metrics, Outcome, SeverityLabel, Status, epoch};
@@ -58,6 +59,8 @@ pub struct DaemonConfig {
     pub retention: RetentionPolicy,
     /// `verify --max-age`.
     pub verify_max_age: Option<Duration>,
+    /// WAL streaming, when on.
+    pub stream: Option<StreamConfig>,
 }
 
 struct Shared {
@@ -77,6 +80,8 @@ struct Shared {
     refreshed: std::sync::atomic::AtomicBool,
     /// `backup.json` records already read: create-only, read once.
     records: RecordCache,
+    /// The WAL stream's state, when streaming.
+    stream: Option<crate::stream::SharedStatus>,
 }
 
 /// Runs until `shutdown` is cancelled (SIGTERM).
@@ -91,6 +96,9 @@ pub async fn run(
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    if cfg.stream.is_some() {
+        metrics.register_stream(&mut registry);
+    }
     metrics.create_label_sets();
     let shared = Arc::new(Shared {
         repo,
@@ -102,6 +110,10 @@ pub async fn run(
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
         records: RecordCache::default(),
+        stream: cfg
+            .stream
+            .as_ref()
+            .map(|_| crate::stream::SharedStatus::default()),
         cfg,
     });
     let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
@@ -122,6 +134,15 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(refresh_loop(Arc::clone(&shared), shutdown.clone()));
+    if let (Some(stream_cfg), Some(status)) = (&shared.cfg.stream, &shared.stream) {
+        tasks.spawn(crate::stream::run(
+            shared.repo.clone(),
+            shared.cfg.pg.clone(),
+            stream_cfg.clone(),
+            Arc::clone(status),
+            shutdown.clone(),
+        ));
+    }
     for (job, schedule) in [
         ("backup", shared.cfg.backup.clone()),
         ("verify", shared.cfg.verify.clone()),
@@ -195,6 +216,17 @@ async fn refresh(shared: &Shared) {
         let mut status = lock(&shared.status);
         status.ready_segments = ready;
         status.archive_lag_seconds = lag;
+    }
+    if let Some(cfg) = &shared.cfg.stream {
+        match crate::stream::slot_figures(&shared.cfg.pg, &cfg.slot).await {
+            Ok(Some((bytes, _))) => {
+                shared.metrics.slot_retained.set(bytes);
+            }
+            Ok(None) => {
+                shared.metrics.slot_retained.set(0);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read pg_replication_slots"),
+        }
     }
     lock(&shared.status).refreshed_at = Some(humantime::format_rfc3339_seconds(now).to_string());
     shared
@@ -400,7 +432,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let status = lock(&shared.status).clone();
+    let mut status = lock(&shared.status).clone();
+    status.stream = shared.stream.as_ref().map(|s| lock(s).clone());
     axum::Json(status)
 }
 
@@ -411,6 +444,9 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             "starting: the repository has not been read yet\n".to_owned(),
         );
+    }
+    if let Some(stream) = &shared.stream {
+        shared.metrics.update_from_stream(&lock(stream));
     }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
