@@ -13,7 +13,7 @@ use pitr_tests::{free_port, wait_for};
 use super::{Setup, pg_bin};
 
 /// `GET path` over plain HTTP/1.0: the status code and the body.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -27,12 +27,12 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// The value of an unlabelled metric in Prometheus text.
-fn metric(body: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
+pub(crate) fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
     let mut cmd = setup.agent(&["daemon", "--listen", &format!("127.0.0.1:{port}")]);
     cmd.args(["--refresh", "1s", "--verify-schedule", ""])
         .arg("--pgdata")
@@ -69,7 +69,13 @@ fn scheduled_backups_metrics_and_a_clean_sigterm() {
     let setup = Setup::file(&bin);
     setup.pg.pgbench(&["-i", "-s", "2", "-q"]);
     let port = free_port();
-    let mut daemon = start_daemon(&setup, port, &["--backup-schedule", "*/2 * * * * *"]);
+    // Streaming on, as the manifests ship it: scheduled backups run beside
+    // the stream, and every metric the alerts and dashboard use exists.
+    let mut daemon = start_daemon(
+        &setup,
+        port,
+        &["--backup-schedule", "*/2 * * * * *", "--stream", "on"],
+    );
 
     let (code, body) = get(port, "/metrics").expect("metrics");
     assert_eq!(code, 200);
@@ -175,14 +181,14 @@ fn sigterm_during_a_backup_stops_in_time_and_lists_nothing() {
 
 /// Debian's `prometheus` on 127.0.0.1, scraping the daemon every second
 /// and evaluating `rules` every second.
-struct Prometheus {
+pub(crate) struct Prometheus {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
-    fn start(target_port: u16, rules: &serde_yaml_ng::Value) -> Self {
+    pub(crate) fn start(target_port: u16, rules: &serde_yaml_ng::Value) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             dir.path().join("rules.yml"),
@@ -236,7 +242,7 @@ impl Prometheus {
         )
     }
 
-    fn wait_firing(&self, alert: &str, firing: bool) {
+    pub(crate) fn wait_firing(&self, alert: &str, firing: bool) {
         let what = format!(
             "{alert} to be {}",
             if firing { "firing" } else { "resolved" }
@@ -257,7 +263,7 @@ impl Drop for Prometheus {
 
 /// The shipped alert rules with every `for:` removed: the same expressions,
 /// evaluated by a real Prometheus, without waiting minutes for them.
-fn rules_without_for() -> serde_yaml_ng::Value {
+pub(crate) fn rules_without_for() -> serde_yaml_ng::Value {
     let mut rules = pitr_tests::manifests::yaml("pitr-alerts.rules.yml");
     for group in rules["groups"].as_sequence_mut().expect("groups") {
         for rule in group["rules"].as_sequence_mut().expect("rules") {
@@ -267,7 +273,7 @@ fn rules_without_for() -> serde_yaml_ng::Value {
     rules
 }
 
-fn stop(mut daemon: Child) {
+pub(crate) fn stop(mut daemon: Child) {
     sigterm(&daemon);
     wait_for("the daemon to exit", Duration::from_secs(20), || {
         daemon.try_wait().ok().flatten()

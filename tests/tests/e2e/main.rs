@@ -8,6 +8,7 @@ mod conformance;
 mod daemon;
 mod fetch;
 mod restore;
+mod stream;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

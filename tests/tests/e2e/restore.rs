@@ -122,7 +122,7 @@ impl Source {
 }
 
 /// A restored data directory, its own socket and port; stopped on drop.
-struct Restored {
+pub(crate) struct Restored {
     bin: PgBin,
     _tmp: tempfile::TempDir,
     data: PathBuf,
@@ -131,7 +131,7 @@ struct Restored {
 }
 
 impl Restored {
-    fn new(bin: &PgBin) -> Self {
+    pub(crate) fn new(bin: &PgBin) -> Self {
         let tmp = user_tempdir(RunAs::test_user(), "restore");
         Restored {
             bin: bin.clone(),
@@ -142,7 +142,7 @@ impl Restored {
         }
     }
 
-    fn pgrestore(&self, src: &Source, args: &[&str]) -> Output {
+    pub(crate) fn pgrestore(&self, src: &Setup, args: &[&str]) -> Output {
         let mut cmd = Command::new(pgrestore());
         RunAs::test_user().apply(&mut cmd);
         cmd.current_dir(std::env::temp_dir())
@@ -159,7 +159,7 @@ impl Restored {
         cmd.output().expect("run pgrestore")
     }
 
-    fn sql(&self, sql: &str) -> String {
+    pub(crate) fn sql(&self, sql: &str) -> String {
         let out = Command::new(self.bin.tool("psql"))
             .args([
                 "-h",
@@ -213,7 +213,7 @@ fn ids(range: impl IntoIterator<Item = i32>) -> String {
         .join(",")
 }
 
-fn ok(out: &Output, what: &str) {
+pub(crate) fn ok(out: &Output, what: &str) {
     assert!(
         out.status.success(),
         "{what}: {}",

