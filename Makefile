@@ -44,6 +44,7 @@ bench:
 	cargo bench --workspace --bench archive
 	cargo bench --workspace --bench backup
 	cargo bench --workspace --bench restore
+	cargo bench --workspace --bench stream
 
 lint:
 	cargo fmt --all -- --check

@@ -28,6 +28,8 @@ pub struct PruneOutcome {
     pub debris: usize,
     /// Temp files of interrupted writes removed (`file://` only).
     pub temp_files: usize,
+    /// Segments whose streamed pieces were left behind and removed.
+    pub streamed_leftovers: usize,
 }
 
 /// Deletes what `plan` says, then the temp files that writes killed midway
@@ -64,6 +66,7 @@ pub async fn apply(
         tracing::info!(backup_id = %id, "removed incomplete backup");
         outcome.debris += 1;
     }
+    outcome.streamed_leftovers = remove_streamed_leftovers(storage, plan).await?;
     // A live write's temp file is seconds old; the grace keeps it safe.
     outcome.temp_files = storage.remove_stale_temp_files(debris_grace).await?;
     if outcome.temp_files > 0 {
@@ -73,6 +76,43 @@ pub async fn apply(
         );
     }
     Ok(outcome)
+}
+
+/// Removes the streamed pieces (`wal-partial/`) of segments that are stored
+/// whole, or that retention no longer needs. The streamer deletes them itself
+/// once a segment is stored; this catches a streamer killed in between. The
+/// segment being streamed has no whole copy and is above the floor, so it
+/// is never touched.
+async fn remove_streamed_leftovers(
+    storage: &Storage,
+    plan: &RetentionPlan,
+) -> Result<usize, StorageError> {
+    use crate::catalog::partial::{PARTIAL_PREFIX, partial_prefix, piece_of};
+    let segments: std::collections::HashSet<WalFileName> = storage
+        .list(PARTIAL_PREFIX)
+        .await?
+        .iter()
+        .filter_map(piece_of)
+        .map(|p| p.segment)
+        .collect();
+    let mut removed = 0;
+    for segment in segments {
+        let below_floor = plan.wal_floor.is_some_and(|floor| {
+            segment
+                .segment_no(plan.segment_size)
+                .is_some_and(|s| s < floor)
+        });
+        let whole = storage
+            .head(&crate::catalog::wal_key(&segment))
+            .await?
+            .is_some();
+        if below_floor || whole {
+            storage.delete_prefix(&partial_prefix(&segment)).await?;
+            tracing::info!(segment = %segment, "removed streamed pieces left behind");
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 async fn delete_backup(storage: &Storage, id: &BackupId) -> Result<(), StorageError> {

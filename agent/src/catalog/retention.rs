@@ -50,6 +50,9 @@ pub struct RetentionPlan {
     /// The oldest segment number still needed, if any backup is kept.
     #[serde(skip)]
     pub wal_floor: Option<SegmentNo>,
+    /// The segment size the floor counts in.
+    #[serde(skip)]
+    pub segment_size: u32,
 }
 
 /// A kept backup and why.
@@ -168,6 +171,7 @@ impl RetentionPlan {
             delete_wal_bytes,
             delete_debris,
             wal_floor,
+            segment_size,
         })
     }
 

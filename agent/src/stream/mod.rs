@@ -561,9 +561,10 @@ async fn create_slot(control: &tokio_postgres::Client, slot: &str) -> anyhow::Re
         .context("the new slot has no restart position")
 }
 
-/// The first and last segment of timeline `tl` between the stream's stop
-/// (or, unknown, the segment before `current`) and `current` that the
-/// archive lacks.
+/// The first and last segment of timeline `tl` that the archive lacks
+/// between where the stream stopped and `current`. Where it stopped is
+/// `stopped_at` when this process streamed before; after a restart, the
+/// segment after the newest whole one of `tl` in the repository.
 async fn archive_hole(
     repo: &Repository,
     tl: TimelineId,
@@ -572,14 +573,6 @@ async fn archive_hole(
     seg: u32,
 ) -> anyhow::Result<Option<(WalFileName, WalFileName)>> {
     let last = current.segment(seg);
-    if last.0 == 0 {
-        return Ok(None);
-    }
-    let first = if stopped_at.0 == 0 {
-        SegmentNo(last.0 - 1)
-    } else {
-        stopped_at.segment(seg)
-    };
     let archived: std::collections::HashSet<WalFileName> = repo
         .storage
         .list(catalog::WAL_PREFIX)
@@ -587,6 +580,16 @@ async fn archive_hole(
         .iter()
         .filter_map(|o| catalog::wal_name_of(&o.key))
         .collect();
+    let newest_whole = archived
+        .iter()
+        .filter(|n| n.kind() == crate::wal::WalFileKind::Segment && n.timeline() == tl)
+        .filter_map(|n| n.segment_no(seg))
+        .max();
+    let first = match (stopped_at.0, newest_whole) {
+        (0, Some(newest)) => SegmentNo(newest.0 + 1),
+        (0, None) => SegmentNo(last.0.saturating_sub(1)),
+        _ => stopped_at.segment(seg),
+    };
     let missing: Vec<WalFileName> = (first.0..last.0)
         .map(|s| WalFileName::segment(tl, SegmentNo(s), seg))
         .filter(|n| !archived.contains(n))

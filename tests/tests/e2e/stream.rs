@@ -330,10 +330,35 @@ fn the_stream_and_archive_command_store_each_segment_once() {
     let out = setup.run(&["verify", "--strict"]);
     ok(&out, "verify --strict");
     // The pieces of segments stored whole are gone.
-    let leftovers = std::fs::read_dir(dir.join("wal-partial"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert!(leftovers <= 1, "{leftovers} segments still have pieces");
+    let pieces = || -> Vec<String> {
+        std::fs::read_dir(dir.join("wal-partial"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let streaming = pieces();
+    assert!(streaming.len() <= 1, "{streaming:?} still have pieces");
+    // A streamer killed between storing a segment and deleting its pieces
+    // leaves them: prune removes those, and never the segment being streamed.
+    let whole = "000000010000000000000003";
+    let left = dir.join("wal-partial").join(whole);
+    std::fs::create_dir_all(&left).expect("mkdir");
+    std::fs::copy(
+        dir.join(format!("wal/{whole}.gz")),
+        left.join("0000000003000000-0000000004000000.gz"),
+    )
+    .expect("copy");
+    RunAs::test_user().chown_tree(&dir.join("wal-partial"));
+    let out = setup.run(&["prune", "--retain-full", "5"]);
+    ok(&out, "prune");
+    assert_eq!(
+        pieces(),
+        streaming,
+        "prune removed the leftover and only it"
+    );
 }
 
 #[test]
@@ -504,4 +529,93 @@ fn an_unreachable_repository_lets_async_write_on_and_holds_sync_commits() {
         outage_ended.elapsed()
     );
     stop(daemon);
+}
+
+#[test]
+fn an_invalidated_slot_is_recreated_only_once_the_archive_has_no_hole() {
+    let Some(bin) = pg_bin() else { return };
+    let mut conf = STREAM_CONF.to_vec();
+    conf.extend([
+        "max_slot_wal_keep_size = '32MB'",
+        "wal_keep_size = 0",
+        "min_wal_size = '32MB'",
+        "max_wal_size = '32MB'",
+    ]);
+    let setup = Setup::file_with(&bin, &conf);
+    let port = free_port();
+    let mut daemon = start_streaming(&setup, port, &[]);
+    setup.pg.pgbench(&["-i", "-s", "1", "-q"]);
+    setup.backup();
+    wait_caught_up(&setup, port, Duration::from_secs(60));
+    sigkill(daemon.id());
+    let _ = daemon.wait();
+
+    // The agent is dead and archiving fails: PostgreSQL keeps the WAL for
+    // archive_command, but invalidates the slot past max_slot_wal_keep_size.
+    let archive_command = setup.pg.sql("SHOW archive_command");
+    setup.pg.exec("ALTER SYSTEM SET archive_command = 'false'");
+    setup.pg.exec("SELECT pg_reload_conf()");
+    wait_for(
+        "the slot to be invalidated",
+        Duration::from_secs(120),
+        || {
+            setup.pg.pgbench(&["-c", "2", "-t", "300"]);
+            let _ = setup.pg.switch_wal();
+            setup.pg.exec("CHECKPOINT");
+            let state = setup
+                .pg
+                .sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pitr_agent'");
+            (state == "lost").then_some(())
+        },
+    );
+
+    // The archive has a hole where the stream stopped: the agent says so and
+    // refuses to recreate the slot.
+    let daemon = start_daemon(
+        &setup,
+        port,
+        &[
+            "--backup-schedule",
+            "",
+            "--stream",
+            "on",
+            "--stream-flush",
+            "2s",
+        ],
+    );
+    let refused = wait_for("the stream to refuse", Duration::from_secs(60), || {
+        let s = status(port)?;
+        let error = s["stream"]["last-error"].as_str()?.to_owned();
+        error.contains("invalidated").then_some(error)
+    });
+    assert!(refused.contains("archive misses"), "{refused}");
+    assert_eq!(
+        setup
+            .pg
+            .sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pitr_agent'"),
+        "lost",
+        "the slot was recreated over a hole"
+    );
+
+    // Archiving catches up: the next attempt recreates the slot and streams.
+    setup.pg.exec(&format!(
+        "ALTER SYSTEM SET archive_command = '{}'",
+        archive_command.replace('\'', "''")
+    ));
+    setup.pg.exec("SELECT pg_reload_conf()");
+    setup.archive_now();
+    wait_streaming(port);
+    wait_caught_up(&setup, port, Duration::from_secs(60));
+    let (_, body) = get(port, "/metrics").expect("metrics");
+    assert!(
+        metric(&body, "pitr_slot_invalidations").is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    stop(daemon);
+    let out = setup.run(&["verify", "--strict"]);
+    assert!(
+        out.status.success(),
+        "verify --strict: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
