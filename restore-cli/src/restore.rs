@@ -1,19 +1,18 @@
 //! plan → extract → configure → (start), from the agent library's `restore` module.
 
 use std::io::IsTerminal as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
-use anyhow::{Context as _, bail};
-use pitr_agent::catalog::backup::DATA_FILE;
+use anyhow::bail;
 use pitr_agent::cli::RepoArgs;
 use pitr_agent::commands::catalog::open_catalog;
 use pitr_agent::report;
 use pitr_agent::restore::plan::{PlanRequest, RestorePlan};
 use pitr_agent::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
 use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTimeline};
-use pitr_agent::restore::{check_target_dir, extract};
+use pitr_agent::restore::{check_target_dir, extract, files};
 
 use crate::args::{RestoreArgs, local_reading, target_of};
 
@@ -44,7 +43,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     };
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     let existed = check_target_dir(&dir)?;
-    let agent = find_agent(args.agent.as_deref())?;
+    let agent = files::find_agent(args.agent.as_deref())?;
 
     let (repo, catalog) = open_catalog(repo_args, "read the catalog of").await?;
     let (histories, _) = catalog.histories(&repo.storage).await?;
@@ -85,7 +84,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     let stats = match restore_files(&repo, &plan, &dir, existed, &args).await {
         Ok(stats) => stats,
         Err(e) => {
-            clean(&dir, existed);
+            files::clean(&dir, existed);
             return Err(e.context(format!(
                 "restore into {} (it was left {})",
                 dir.display(),
@@ -93,14 +92,8 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             )));
         }
     };
-    let mut restore_command = format!("{} ", agent.display());
-    for a in repo_args.to_args() {
-        restore_command.push_str(&shell_word(&a));
-        restore_command.push(' ');
-    }
-    restore_command.push_str("wal-fetch %f %p");
     let recovery = RecoveryConfig {
-        restore_command,
+        restore_command: files::restore_command(&agent, repo_args),
         target: target.clone(),
         timeline: plan.target_timeline.clone(),
         action,
@@ -114,7 +107,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     let removed = match recovery.write(&dir, &header) {
         Ok(removed) => removed,
         Err(e) => {
-            clean(&dir, existed);
+            files::clean(&dir, existed);
             bail!("write the recovery settings into {}: {e}", dir.display());
         }
     };
@@ -152,6 +145,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             timeout: args.start_timeout,
             env,
             action,
+            settings: Vec::new(),
         };
         say(&format!(
             "pgrestore: starting PostgreSQL {major} on port {} (socket {}), waiting for {target}",
@@ -202,22 +196,7 @@ async fn restore_files(
     existed: bool,
     args: &RestoreArgs,
 ) -> anyhow::Result<extract::ExtractStats> {
-    if !existed {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .with_context(|| format!("create {}", dir.display()))?;
-    }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
-    let key = plan.backup.id.key(DATA_FILE);
-    let reader = repo.storage.get_stream(&key).await?;
-    let total = plan
-        .backup
-        .objects
-        .iter()
-        .find(|o| o.name == DATA_FILE)
-        .map_or(0, |o| o.bytes);
+    let total = files::backup_data_bytes(plan);
     let bar = (!args.quiet && !args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -230,7 +209,11 @@ async fn restore_files(
     });
     let mut next_line = total / 4;
     let plain = !args.quiet && !args.json && bar.is_none();
-    let stats = extract::extract(reader, dir, |stored, _raw| {
+    // With --start, PostgreSQL itself syncs the whole data directory before
+    // recovery begins (the backup's pg_control says it was not shut down
+    // cleanly, so startup runs SyncDataDirectory): a second pass would only
+    // cost time. Otherwise one filesystem sync instead of an fsync per file.
+    let stats = files::restore_backup(repo, plan, dir, existed, !args.start, |stored, _raw| {
         if let Some(bar) = &bar {
             bar.set_position(stored);
         } else if plain && stored >= next_line && total > 0 {
@@ -245,75 +228,7 @@ async fn restore_files(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // With --start, PostgreSQL itself syncs the whole data directory before
-    // recovery begins (the backup's pg_control says it was not shut down
-    // cleanly, so startup runs SyncDataDirectory): a second pass would only
-    // cost time. Otherwise one filesystem sync instead of an fsync per file.
-    if !args.start {
-        let synced = std::process::Command::new("sync")
-            .arg("-f")
-            .arg(dir)
-            .status();
-        if !synced.is_ok_and(|s| s.success()) {
-            bail!(
-                "sync -f {} failed; the restored files may not be durable",
-                dir.display()
-            );
-        }
-    }
     Ok(stats)
-}
-
-/// Removes what a failed restore wrote, leaving `dir` as it was found.
-fn clean(dir: &Path, existed: bool) {
-    if existed {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-        }
-    } else {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-fn find_agent(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return std::path::absolute(p).with_context(|| format!("--agent {}", p.display()));
-    }
-    if let Some(beside) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("pitr-agent")))
-        .filter(|p| p.is_file())
-    {
-        return Ok(beside);
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("pitr-agent"))
-                .find(|p| p.is_file())
-        })
-        .context(
-            "pitr-agent not found beside pgrestore or on PATH; pass --agent /path/to/pitr-agent",
-        )
-}
-
-/// A word safe inside a single-quoted postgresql.conf value run by `sh -c`.
-fn shell_word(word: &str) -> String {
-    if word
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/:._-=%@+".contains(&b))
-    {
-        word.to_owned()
-    } else {
-        format!("\"{}\"", word.replace(['"', '\\', '$', '`'], ""))
-    }
 }
 
 fn plan_text(
@@ -366,16 +281,4 @@ fn plan_text(
         out.push_str(&format!("  note:      {note}\n"));
     }
     out.trim_end().to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shell_words_survive_sh() {
-        assert_eq!(shell_word("s3://bucket/prefix"), "s3://bucket/prefix");
-        assert_eq!(shell_word("a b"), "\"a b\"");
-        assert_eq!(shell_word("$(rm)"), "\"(rm)\"");
-    }
 }

@@ -3,9 +3,11 @@
 //! - [`target`]: recovery targets, timelines, actions, and time parsing;
 //! - [`plan`]: the plan computed before the data directory is touched;
 //! - [`extract`]: streaming download, gunzip and untar into the directory;
+//! - [`files`]: the backup into a directory, and the `restore_command`;
 //! - [`recovery`]: recovery settings, starting PostgreSQL, watching it arrive.
 
 pub mod extract;
+pub mod files;
 pub mod plan;
 pub mod recovery;
 pub mod target;

@@ -141,6 +141,8 @@ pub struct StartConfig {
     pub env: Vec<(String, String)>,
     /// The action, to know what "reached" looks like.
     pub action: TargetAction,
+    /// More `-c name=value` settings for this start only.
+    pub settings: Vec<(String, String)>,
 }
 
 /// Where recovery stopped.
@@ -188,11 +190,14 @@ pub enum StartError {
 /// [`StartError`] with the end of the server log when recovery ends before the target.
 pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, StartError> {
     let log_path = dir.join("pgrestore-recovery.log");
-    let opts = format!(
+    let mut opts = format!(
         "-p {} -c unix_socket_directories={} -c listen_addresses=''",
         cfg.port,
         quote(&cfg.socket_dir.display().to_string())
     );
+    for (name, value) in &cfg.settings {
+        let _ = write!(opts, " -c {name}={}", quote(value));
+    }
     let out = tokio::process::Command::new(&cfg.pg_ctl)
         .arg("-D")
         .arg(dir)

@@ -1,0 +1,144 @@
+//! Putting a planned backup into a directory, and the `restore_command`
+//! that replays the rest: the steps `pgrestore` and `rehearse` share.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+use super::extract::{self, ExtractStats};
+use super::plan::RestorePlan;
+use crate::catalog::backup::DATA_FILE;
+use crate::cli::RepoArgs;
+use crate::repository::Repository;
+
+/// Streams the plan's backup into `dir` (created if `existed` is false,
+/// mode 0700). `progress` sees stored and raw bytes so far. With `sync`,
+/// one filesystem sync makes the files durable; without it the caller
+/// starts PostgreSQL, which syncs the data directory before recovery.
+///
+/// # Errors
+/// The backup cannot be read, is corrupt, or the directory cannot be written.
+pub async fn restore_backup(
+    repo: &Repository,
+    plan: &RestorePlan,
+    dir: &Path,
+    existed: bool,
+    sync: bool,
+    progress: impl FnMut(u64, u64),
+) -> anyhow::Result<ExtractStats> {
+    if !existed {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    let key = plan.backup.id.key(DATA_FILE);
+    let reader = repo.storage.get_stream(&key).await?;
+    let stats = extract::extract(reader, dir, progress).await?;
+    if sync {
+        let synced = std::process::Command::new("sync")
+            .arg("-f")
+            .arg(dir)
+            .status();
+        if !synced.is_ok_and(|s| s.success()) {
+            bail!(
+                "sync -f {} failed; the restored files may not be durable",
+                dir.display()
+            );
+        }
+    }
+    Ok(stats)
+}
+
+/// The stored size of the plan's backup data, for progress.
+#[must_use]
+pub fn backup_data_bytes(plan: &RestorePlan) -> u64 {
+    plan.backup
+        .objects
+        .iter()
+        .find(|o| o.name == DATA_FILE)
+        .map_or(0, |o| o.bytes)
+}
+
+/// Removes what a failed restore wrote, leaving `dir` as it was found.
+pub fn clean(dir: &Path, existed: bool) {
+    if existed {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The `pitr-agent` binary for `restore_command`: `given`, else beside the
+/// running program, else on PATH.
+///
+/// # Errors
+/// None is found.
+pub fn find_agent(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return std::path::absolute(p).with_context(|| format!("--agent {}", p.display()));
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("pitr-agent")))
+        .filter(|p| p.is_file())
+    {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("pitr-agent"))
+                .find(|p| p.is_file())
+        })
+        .context(
+            "pitr-agent not found beside pgrestore or on PATH; pass --agent /path/to/pitr-agent",
+        )
+}
+
+/// `<agent> <repository flags> wal-fetch %f %p`, safe for `sh -c`.
+#[must_use]
+pub fn restore_command(agent: &Path, repo_args: &RepoArgs) -> String {
+    let mut command = format!("{} ", shell_word(&agent.display().to_string()));
+    for a in repo_args.to_args() {
+        command.push_str(&shell_word(&a));
+        command.push(' ');
+    }
+    command.push_str("wal-fetch %f %p");
+    command
+}
+
+/// A word safe inside a single-quoted postgresql.conf value run by `sh -c`.
+fn shell_word(word: &str) -> String {
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/:._-=%@+".contains(&b))
+    {
+        word.to_owned()
+    } else {
+        format!("\"{}\"", word.replace(['"', '\\', '$', '`'], ""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_sh() {
+        assert_eq!(shell_word("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(shell_word("a b"), "\"a b\"");
+        assert_eq!(shell_word("$(rm)"), "\"(rm)\"");
+    }
+}
