@@ -10,6 +10,7 @@
 //! - [`backup`]: `backup` (pg_basebackup streamed into the repository);
 //! - [`verify`]: `verify` (backups and WAL continuity) and its findings;
 //! - [`prune`]: applying a retention plan;
+//! - [`rehearse`]: restore rehearsals that prove the repository restores;
 //! - [`pgconn`]: connecting to PostgreSQL, finding its client programs;
 //! - [`pgdata`]: what is read from a data directory;
 //! - [`report`]: tables and JSON for `list`, `verify`, `prune`;
@@ -50,6 +51,7 @@ pub mod daemon;
 pub mod pgconn;
 pub mod pgdata;
 pub mod prune;
+pub mod rehearse;
 pub mod report;
 pub mod repository;
 pub mod restore;

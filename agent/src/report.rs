@@ -90,6 +90,12 @@ pub struct Listing<'a> {
     pub wal_files: usize,
     /// Their stored bytes.
     pub wal_bytes: u64,
+    /// The newest restore rehearsal (`pitr-agent rehearse`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_rehearsal: Option<&'a crate::rehearse::RehearsalRecord>,
+    /// The newest successful one: the last proven restorable point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_proven: Option<&'a crate::rehearse::RehearsalRecord>,
 }
 
 /// Builds the listing.
@@ -124,6 +130,8 @@ pub fn listing(catalog: &Catalog, now: SystemTime) -> Listing<'_> {
             .collect(),
         wal_files: catalog.wal.len(),
         wal_bytes: catalog.wal.iter().map(|w| w.meta.size).sum(),
+        last_rehearsal: catalog.rehearsals.newest.as_ref(),
+        last_proven: catalog.rehearsals.newest_ok.as_ref(),
     }
 }
 
@@ -178,6 +186,31 @@ pub fn listing_table(l: &Listing<'_>) -> String {
         l.wal_files,
         bytes(l.wal_bytes)
     );
+    if let Some(r) = l.last_proven {
+        let _ = writeln!(
+            out,
+            "last proven restorable: {}, restore took {:.0} s (rehearsal {})",
+            r.restored_point
+                .as_deref()
+                .unwrap_or("(no transaction replayed)"),
+            r.restore_seconds,
+            r.id
+        );
+    }
+    match l.last_rehearsal {
+        Some(r) if r.ok => {}
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "last rehearsal {} FAILED ({}): {}",
+                r.id,
+                r.reason
+                    .map_or("unknown", crate::rehearse::FailureReason::as_str),
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        None => {}
+    }
     if !l.incomplete.is_empty() {
         let _ = writeln!(
             out,

@@ -271,6 +271,8 @@ pub struct Catalog {
     /// Streamed segments with no complete copy yet, sorted by name: how far
     /// each reaches (see [`super::partial`]).
     pub streamed: Vec<super::partial::StreamedSegment>,
+    /// Restore rehearsals: the newest, the newest that succeeded, counts.
+    pub rehearsals: crate::rehearse::Rehearsals,
 }
 
 /// The `backup.json` records read so far, by backup and size. They are
@@ -420,6 +422,7 @@ impl Catalog {
             complete.contains(n)
         });
         catalog.streamed = streamed;
+        catalog.rehearsals = crate::rehearse::load(storage).await?;
         Ok(catalog)
     }
 

@@ -8,7 +8,8 @@
 //! - `wal/<walfile>.gz`: every archived WAL file, plain gzip;
 //! - `wal-partial/<segment>/<start>-<end>.gz`: streamed pieces of the segment
 //!   being written (see [`partial`]);
-//! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last.
+//! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last;
+//! - `rehearsals/<time>.json`: what each restore rehearsal proved.
 //!
 //! Also the retention planner. Knows nothing about how objects are stored or
 //! how WAL and backups are produced.
@@ -30,6 +31,28 @@ pub const WAL_PREFIX: &str = "wal/";
 
 /// The key of the repository record; a repository exists once it does.
 pub const OWNER_KEY: &str = "pitr-repository.json";
+
+/// The prefix of the rehearsals' records (`pitr-agent rehearse`).
+pub const REHEARSALS_PREFIX: &str = "rehearsals/";
+
+/// The key of the record of the rehearsal that started at `id`, with its
+/// outcome (`ok` or the failure reason) in the name, so that a listing alone
+/// counts successes and failures.
+#[must_use]
+pub fn rehearsal_key(id: &str, outcome: &str) -> ObjectKey {
+    ObjectKey::new(format!("{REHEARSALS_PREFIX}{id}.{outcome}.json"))
+        .expect("rehearsal ids and outcomes are valid keys")
+}
+
+/// `(id, outcome)` of a rehearsal record's key.
+#[must_use]
+pub fn rehearsal_of(key: &ObjectKey) -> Option<(&str, &str)> {
+    let name = key
+        .as_str()
+        .strip_prefix(REHEARSALS_PREFIX)?
+        .strip_suffix(".json")?;
+    name.split_once('.')
+}
 
 /// The key of the claim the first cluster writes when `init` named no owner.
 pub const CLAIM_KEY: &str = "pitr-owner.json";
@@ -68,5 +91,16 @@ mod tests {
         }
         assert_eq!(wal_name_of(&ObjectKey::new("wal/x.gz").expect("key")), None);
         assert_eq!(wal_name_of(&ObjectKey::new(OWNER_KEY).expect("key")), None);
+    }
+
+    #[test]
+    fn rehearsal_keys_carry_the_outcome() {
+        let key = rehearsal_key("20261201T040000Z", "user-check");
+        assert_eq!(key.as_str(), "rehearsals/20261201T040000Z.user-check.json");
+        assert_eq!(rehearsal_of(&key), Some(("20261201T040000Z", "user-check")));
+        assert_eq!(
+            rehearsal_of(&ObjectKey::new("rehearsals/x.json").expect("key")),
+            None
+        );
     }
 }

@@ -51,6 +51,13 @@ pub struct DaemonArgs {
     /// 'pitr_agent', a commit returns only once it is in the repository.
     #[arg(long, env = "PITR_STREAM_SYNC", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = "off", hide_possible_values = true)]
     pub stream_sync: bool,
+    /// Restore rehearsal schedule (`pitr-agent rehearse --target latest`); empty disables.
+    /// It runs beside backups, never blocking them.
+    #[arg(long, env = "PITR_REHEARSE_SCHEDULE", default_value = "0 4 * * *")]
+    pub rehearse_schedule: String,
+    /// Scheduled rehearsals: the same settings as `rehearse`.
+    #[command(flatten)]
+    pub rehearse: super::rehearse::RehearseSettings,
     /// Scheduled backups: the same settings as `backup`.
     #[command(flatten)]
     pub backup: BackupSettings,
@@ -64,7 +71,7 @@ impl DaemonArgs {
     ///
     /// # Errors
     /// A schedule does not parse; a prune schedule without a retention policy.
-    pub fn resolve(self) -> anyhow::Result<DaemonConfig> {
+    pub fn resolve(self, repo_args: &RepoArgs) -> anyhow::Result<DaemonConfig> {
         let parse = |text: &str| -> anyhow::Result<Option<Schedule>> {
             if text.trim().is_empty() {
                 Ok(None)
@@ -90,9 +97,15 @@ impl DaemonArgs {
             level: backup_cfg.level,
             auto_init: backup_cfg.auto_init,
         });
+        let rehearse =
+            self.rehearse
+                .resolve(crate::rehearse::RehearseTarget::Latest, &self.pg, None)?;
         Ok(DaemonConfig {
             listen: self.listen,
             stream,
+            rehearse_schedule: parse(&self.rehearse_schedule)?,
+            rehearse,
+            repo_args: repo_args.clone(),
             backup: parse(&self.backup_schedule)?,
             verify: parse(&self.verify_schedule)?,
             prune,
@@ -110,8 +123,8 @@ impl DaemonArgs {
     /// # Errors
     /// A bad configuration; the HTTP port cannot be bound.
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
+        let cfg = self.resolve(repo)?;
         let repo = repo.open().await?;
-        let cfg = self.resolve()?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let token = shutdown.clone();
         tokio::spawn(async move {
@@ -125,7 +138,7 @@ impl DaemonArgs {
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::terminate()),

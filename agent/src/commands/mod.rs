@@ -15,6 +15,8 @@ pub mod backup;
 pub mod catalog;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod rehearse;
 
 #[cfg(feature = "daemon")]
 use std::process::ExitCode;
@@ -41,6 +43,9 @@ pub enum Command {
     Verify(catalog::VerifyArgs),
     /// Delete backups and WAL that retention no longer needs.
     Prune(catalog::PruneArgs),
+    /// Restore into a scratch directory, check it, report the proven point
+    /// and the restore time. Exit 0 proven, 1 a problem found, 2 failure.
+    Rehearse(rehearse::RehearseArgs),
     /// Run as a sidecar: scheduled backup/verify/prune, /healthz /readyz /status /metrics.
     Daemon(Box<daemon::DaemonArgs>),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
@@ -80,6 +85,7 @@ impl Command {
             Command::List(args) => args.run(&repo).await,
             Command::Verify(args) => args.run(&repo).await,
             Command::Prune(args) => args.run(&repo).await,
+            Command::Rehearse(args) => args.run(&repo).await,
             Command::Daemon(args) => args.run(&repo).await,
             Command::WalPrefetch(args) => Ok(args.run(&repo).await),
         }

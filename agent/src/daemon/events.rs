@@ -213,6 +213,18 @@ impl EventRecorder {
         }
     }
 
+    /// `RehearsalSucceeded` or `RehearsalFailed`.
+    pub async fn rehearsal_outcome(&self, record: &crate::rehearse::RehearsalRecord) {
+        let note = crate::rehearse::summary(record);
+        if record.ok {
+            self.record(EventType::Normal, "RehearsalSucceeded", "Rehearse", &note)
+                .await;
+        } else {
+            self.record(EventType::Warning, "RehearsalFailed", "Rehearse", &note)
+                .await;
+        }
+    }
+
     /// One `VerifyFinding` per finding, at most [`MAX_FINDING_EVENTS`] and a
     /// count of the rest; `VerifyFailed` when verify could not run at all.
     pub async fn verify_outcome<E: std::fmt::Display + Sync>(

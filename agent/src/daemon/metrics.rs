@@ -49,6 +49,20 @@ pub struct Kind {
     pub kind: &'static str,
 }
 
+/// `phase="restore|replay|checks"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Phase {
+    /// The phase.
+    pub phase: &'static str,
+}
+
+/// `reason="..."`, one of [`crate::rehearse::FailureReason`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The reason.
+    pub reason: &'static str,
+}
+
 /// Every metric the daemon exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -96,6 +110,20 @@ pub struct Metrics {
     pub slot_retained: Gauge,
     /// Times the stream found its slot invalidated.
     pub slot_invalidations: Gauge,
+    /// When the newest successful rehearsal finished.
+    pub rehearsal_last_success: FloatGauge,
+    /// When the newest rehearsal finished, if it failed.
+    pub rehearsal_last_failure: FloatGauge,
+    /// The newest rehearsal's phases.
+    pub rehearsal_duration: Family<Phase, FloatGauge>,
+    /// The newest rehearsal's restore plus replay: the measured RTO.
+    pub rehearsal_restore: FloatGauge,
+    /// The newest proven restorable point.
+    pub rehearsal_restored_point: FloatGauge,
+    /// Failed rehearsals in the repository, by reason.
+    pub rehearsal_failures: Family<Reason, Counter>,
+    /// `PITR_RTO_OBJECTIVE` (0: none).
+    pub rto_objective: FloatGauge,
 }
 
 impl Metrics {
@@ -186,6 +214,98 @@ impl Metrics {
             "Objects deleted by prune, by kind",
             self.prune_deleted.clone(),
         );
+        self.register_rehearsal(r);
+    }
+
+    /// Registers the rehearsal metrics.
+    fn register_rehearsal(&self, r: &mut Registry) {
+        r.register(
+            "pitr_rehearsal_last_success_timestamp_seconds",
+            "When the newest successful restore rehearsal finished (0: none)",
+            self.rehearsal_last_success.clone(),
+        );
+        r.register(
+            "pitr_rehearsal_last_failure_timestamp_seconds",
+            "When the newest restore rehearsal finished, if it failed (0: it did not)",
+            self.rehearsal_last_failure.clone(),
+        );
+        r.register(
+            "pitr_rehearsal_duration_seconds",
+            "The newest restore rehearsal's phases: restore (download and extract), replay, checks",
+            self.rehearsal_duration.clone(),
+        );
+        r.register(
+            "pitr_rehearsal_restore_seconds",
+            "The newest restore rehearsal's restore plus replay: the measured time to restore",
+            self.rehearsal_restore.clone(),
+        );
+        r.register(
+            "pitr_rehearsal_restored_point_timestamp_seconds",
+            "The newest point a rehearsal proved restorable (its last replayed commit)",
+            self.rehearsal_restored_point.clone(),
+        );
+        r.register(
+            "pitr_rehearsal_failures",
+            "Failed restore rehearsals recorded in the repository, by reason",
+            self.rehearsal_failures.clone(),
+        );
+        r.register(
+            "pitr_rto_objective_seconds",
+            "The restore time objective, PITR_RTO_OBJECTIVE (0: none set)",
+            self.rto_objective.clone(),
+        );
+    }
+
+    /// Copies what the repository says about rehearsals into the gauges.
+    pub fn update_from_rehearsals(
+        &self,
+        r: &crate::rehearse::Rehearsals,
+        objective: Option<std::time::Duration>,
+    ) {
+        self.rto_objective
+            .set(objective.map_or(0.0, |o| o.as_secs_f64()));
+        let finished = |rec: &crate::rehearse::RehearsalRecord| {
+            humantime::parse_rfc3339_weak(&rec.finished_at)
+                .map(epoch)
+                .unwrap_or(0.0)
+        };
+        if let Some(ok) = &r.newest_ok {
+            self.rehearsal_last_success.set(finished(ok));
+            if let Some(point) = ok.restored_point_unix {
+                self.rehearsal_restored_point.set(point);
+            }
+        }
+        if let Some(newest) = &r.newest {
+            self.rehearsal_last_failure
+                .set(if newest.ok { 0.0 } else { finished(newest) });
+            for (phase, secs) in [
+                ("restore", newest.phases.restore),
+                ("replay", newest.phases.replay),
+                ("checks", newest.phases.checks),
+            ] {
+                self.rehearsal_duration
+                    .get_or_create(&Phase { phase })
+                    .set(secs);
+            }
+            if newest.restore_seconds > 0.0 {
+                self.rehearsal_restore.set(newest.restore_seconds);
+            }
+        }
+        for reason in crate::rehearse::FailureReason::ALL {
+            let label = reason.as_str();
+            let count = r
+                .failures
+                .iter()
+                .find(|(name, _)| name == label)
+                .map_or(0, |(_, n)| *n);
+            let counter = self
+                .rehearsal_failures
+                .get_or_create(&Reason { reason: label });
+            let seen = counter.get();
+            if count > seen {
+                counter.inc_by(count - seen);
+            }
+        }
     }
 
     /// Registers the stream's metrics (only when streaming is on, so that
@@ -247,6 +367,14 @@ impl Metrics {
         for kind in ["backups", "wal", "debris"] {
             let _ = self.prune_deleted.get_or_create(&Kind { kind });
         }
+        for phase in ["restore", "replay", "checks"] {
+            let _ = self.rehearsal_duration.get_or_create(&Phase { phase });
+        }
+        for reason in crate::rehearse::FailureReason::ALL {
+            let _ = self.rehearsal_failures.get_or_create(&Reason {
+                reason: reason.as_str(),
+            });
+        }
     }
 
     /// Updates the repository figures from a fresh catalog.
@@ -296,6 +424,9 @@ pub struct Status {
     /// The WAL stream, when on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<crate::stream::StreamStatus>,
+    /// "last proven restorable: <time>, restore took <duration>", from the
+    /// newest successful rehearsal.
+    pub proven: Option<String>,
     /// The last backup run's error, if it failed.
     pub last_backup_error: Option<String>,
     /// When the figures were refreshed.
@@ -306,5 +437,16 @@ impl Status {
     /// Fills the repository part from a catalog.
     pub fn set_catalog(&mut self, catalog: &Catalog, now: SystemTime) {
         self.repository = serde_json::to_value(report::listing(catalog, now)).ok();
+        self.proven = catalog.rehearsals.newest_ok.as_ref().map(|r| {
+            format!(
+                "last proven restorable: {}, restore took {}",
+                r.restored_point
+                    .as_deref()
+                    .unwrap_or("(no transaction replayed)"),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    r.restore_seconds.round() as u64
+                ))
+            )
+        });
     }
 }

@@ -61,6 +61,12 @@ pub struct DaemonConfig {
     pub verify_max_age: Option<Duration>,
     /// WAL streaming, when on.
     pub stream: Option<StreamConfig>,
+    /// Restore rehearsal schedule.
+    pub rehearse_schedule: Option<Schedule>,
+    /// How rehearsals run.
+    pub rehearse: crate::rehearse::RehearseConfig,
+    /// The repository flags, for the rehearsal's restore_command.
+    pub repo_args: crate::cli::RepoArgs,
 }
 
 struct Shared {
@@ -71,6 +77,8 @@ struct Shared {
     status: Mutex<Status>,
     /// One job at a time.
     job_lock: tokio::sync::Mutex<()>,
+    /// One rehearsal at a time; rehearsals never wait for (or block) backups.
+    rehearse_lock: tokio::sync::Mutex<()>,
     last_failed_count: Mutex<Option<i64>>,
     /// Kubernetes Events on our pod, when running in one.
     events: Option<EventRecorder>,
@@ -106,6 +114,7 @@ pub async fn run(
         registry,
         status: Mutex::new(Status::default()),
         job_lock: tokio::sync::Mutex::new(()),
+        rehearse_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
@@ -147,6 +156,7 @@ pub async fn run(
         ("backup", shared.cfg.backup.clone()),
         ("verify", shared.cfg.verify.clone()),
         ("prune", shared.cfg.prune.clone()),
+        ("rehearse", shared.cfg.rehearse_schedule.clone()),
     ] {
         if let Some(schedule) = schedule {
             tracing::info!(job, %schedule, "scheduled");
@@ -183,6 +193,9 @@ async fn refresh(shared: &Shared) {
     match Catalog::load_cached(&shared.repo.storage, &shared.records).await {
         Ok(catalog) => {
             shared.metrics.update_from_catalog(&catalog);
+            shared
+                .metrics
+                .update_from_rehearsals(&catalog.rehearsals, shared.cfg.rehearse.rto_objective);
             lock(&shared.status).set_catalog(&catalog, now);
         }
         Err(e) => tracing::warn!(error = %e, "cannot list the repository"),
@@ -280,8 +293,13 @@ async fn schedule_loop(
             () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
+        let lock = if job == "rehearse" {
+            &shared.rehearse_lock
+        } else {
+            &shared.job_lock
+        };
         let guard = tokio::select! {
-            g = shared.job_lock.lock() => g,
+            g = lock.lock() => g,
             () = shutdown.cancelled() => return,
         };
         tokio::select! {
@@ -336,6 +354,29 @@ async fn run_job(shared: &Shared, job: &'static str) {
             }
             if let Some(events) = &shared.events {
                 events.backup_outcome(&result).await;
+            }
+        }
+        "rehearse" => {
+            // Dropped on SIGTERM, the rehearsal stops its server and removes
+            // its scratch directory.
+            match crate::rehearse::rehearse(
+                &shared.repo,
+                &shared.cfg.repo_args,
+                &shared.cfg.rehearse,
+            )
+            .await
+            {
+                Ok(record) => {
+                    if record.ok {
+                        tracing::info!("{}", crate::rehearse::summary(&record));
+                    } else {
+                        tracing::error!("{}", crate::rehearse::summary(&record));
+                    }
+                    if let Some(events) = &shared.events {
+                        events.rehearsal_outcome(&record).await;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "scheduled rehearsal could not run"),
             }
         }
         "verify" => {
