@@ -22,7 +22,7 @@ test: deps
 	@for major in $(EXTRA_PG_MAJORS); do \
 		bin=$$(.ci/pg-binaries.sh $$major) || exit 1; \
 		echo "== end-to-end archiving, backup and restore tests on PostgreSQL $$major ($$bin)"; \
-		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: restore:: stream:: || exit 1; \
+		PG_BIN=$$bin cargo test --workspace --test e2e --locked -- archiving:: backup:: restore:: stream:: rehearse:: || exit 1; \
 	done
 
 # Soak and fault loops CI does not run: 200 SIGKILLed pushes.
