@@ -123,6 +123,7 @@ fn start_daemon(pg: &Postgres, repo: &str, user: pitr_tests::RunAs, sync: bool) 
         .envs(pg.client_env())
         .args(["daemon", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--backup-schedule", "", "--verify-schedule", ""])
+        .args(["--rehearse-schedule", ""])
         .args([
             "--stream",
             "on",

@@ -34,7 +34,9 @@ pub(crate) fn metric(body: &str, name: &str) -> Option<f64> {
 
 pub(crate) fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
     let mut cmd = setup.agent(&["daemon", "--listen", &format!("127.0.0.1:{port}")]);
-    cmd.args(["--refresh", "1s", "--verify-schedule", ""])
+    // No rehearsal at 04:00 UTC in the middle of a test (a flag overrides it).
+    cmd.env("PITR_REHEARSE_SCHEDULE", "")
+        .args(["--refresh", "1s", "--verify-schedule", ""])
         .arg("--pgdata")
         .arg(&setup.pg.data)
         .args(extra)

@@ -453,6 +453,7 @@ fn start_streaming_via(setup: &Setup, proxy: &FaultProxy, port: u16, extra: &[&s
         .agent(&args)
         .env("PITR_S3_ENDPOINT", proxy.endpoint())
         .env("PITR_S3_MAX_ATTEMPTS", "2")
+        .env("PITR_REHEARSE_SCHEDULE", "")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
