@@ -313,11 +313,21 @@ async fn run(
                 FailureReason::Plan,
                 "the repository has no backup; take one with `pitr-agent backup` first".to_owned(),
             ))?;
+            // Whole seconds inside the window: the first after its start,
+            // the last before its end.
+            let second = 1_000_000;
             let start = TargetTime::from_system_time(window.start).micros;
-            let end = TargetTime::from_system_time(window.end).micros.max(start);
-            let micros = rand::rng().random_range(start..=end);
+            let start = start.div_euclid(second) * second
+                + if start.rem_euclid(second) == 0 {
+                    0
+                } else {
+                    second
+                };
+            let end = TargetTime::from_system_time(window.end).micros;
+            let end = (end.div_euclid(second) * second).max(start);
+            let micros = start + rand::rng().random_range(0..=(end - start) / second) * second;
             RecoveryTarget::Time(TargetTime {
-                micros: micros - micros % 1_000_000,
+                micros,
                 assumed_utc: false,
             })
         }
