@@ -308,29 +308,7 @@ async fn run(
     let index = catalog.wal_index(histories);
     let target = match cfg.target {
         RehearseTarget::Latest => RecoveryTarget::Latest,
-        RehearseTarget::Random => {
-            let window = catalog.restorable_window().ok_or((
-                FailureReason::Plan,
-                "the repository has no backup; take one with `pitr-agent backup` first".to_owned(),
-            ))?;
-            // Whole seconds inside the window: the first after its start,
-            // the last before its end.
-            let second = 1_000_000;
-            let start = TargetTime::from_system_time(window.start).micros;
-            let start = start.div_euclid(second) * second
-                + if start.rem_euclid(second) == 0 {
-                    0
-                } else {
-                    second
-                };
-            let end = TargetTime::from_system_time(window.end).micros;
-            let end = (end.div_euclid(second) * second).max(start);
-            let micros = start + rand::rng().random_range(0..=(end - start) / second) * second;
-            RecoveryTarget::Time(TargetTime {
-                micros,
-                assumed_utc: false,
-            })
-        }
+        RehearseTarget::Random => random_target(catalog)?,
     };
     record.target = target.to_string();
     let req = PlanRequest {
@@ -420,6 +398,46 @@ async fn run(
     record.phases.checks = clock.elapsed().as_secs_f64();
     drop(scratch);
     result
+}
+
+/// A random whole second between the window's start and the newest commit a
+/// rehearsal proved restorable. Not up to the window's end: the window ends
+/// when the newest WAL was archived, and a time after the last commit in it
+/// cannot be reached (PostgreSQL ends recovery with FATAL). Without a proven
+/// commit inside the window, the newest WAL (`latest`) is rehearsed instead.
+fn random_target(catalog: &Catalog) -> Result<RecoveryTarget, Failed> {
+    let window = catalog.restorable_window().ok_or((
+        FailureReason::Plan,
+        "the repository has no backup; take one with `pitr-agent backup` first".to_owned(),
+    ))?;
+    let second = 1_000_000;
+    let start = TargetTime::from_system_time(window.start).micros;
+    let start = start.div_euclid(second) * second
+        + if start.rem_euclid(second) == 0 {
+            0
+        } else {
+            second
+        };
+    let proven = catalog
+        .rehearsals
+        .newest_ok
+        .as_ref()
+        .and_then(|r| r.restored_point_unix)
+        .map(|p| (p * 1e6) as i64);
+    let Some(end) = proven
+        .map(|p| p.div_euclid(second) * second)
+        .filter(|e| *e >= start)
+    else {
+        tracing::info!(
+            "no proven commit inside the window yet: rehearsing the newest WAL instead of a random second"
+        );
+        return Ok(RecoveryTarget::Latest);
+    };
+    let micros = start + rand::rng().random_range(0..=(end - start) / second) * second;
+    Ok(RecoveryTarget::Time(TargetTime {
+        micros,
+        assumed_utc: false,
+    }))
 }
 
 /// What the rehearsal's server runs with: private, small, writing nothing

@@ -36,6 +36,9 @@ fn rehearsals_prove_a_good_repository_and_name_each_failure() {
         .pg
         .exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)");
     setup.backup();
+    // A whole second between the backup's end and the newest commit, for
+    // the random target below.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     setup
         .pg
         .exec("INSERT INTO t SELECT generate_series(101, 250)");
@@ -70,6 +73,21 @@ fn rehearsals_prove_a_good_repository_and_name_each_failure() {
     let list = setup.run(&["list"]);
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains("last proven restorable:"), "{text}");
+
+    // A random second between the window's start and the proven commit:
+    // reached, and never past it.
+    let (code, record) = rehearse(&setup, &work, &["--target", "random"]);
+    assert_eq!(code, 0, "{record:#}");
+    assert!(
+        record["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("time ")),
+        "a time target: {record:#}"
+    );
+    if let Some(point) = record["restored-point-unix"].as_f64() {
+        assert!(point <= newest + 0.001, "{record:#}");
+    }
+    assert!(empty(&work));
 
     // An operator check that is false.
     std::fs::write(&checks, "select count(*) = 999 from t;\n").expect("write");
