@@ -253,7 +253,7 @@ fn program_major(path: &Path) -> Option<u32> {
 }
 
 /// The server's message for a database error, else the error chain.
-fn error_text(e: &tokio_postgres::Error) -> String {
+pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
         None => {

@@ -556,7 +556,10 @@ async fn checks(
                 .map_err(|e| {
                     (
                         FailureReason::UserCheck,
-                        format!("check `{statement}` failed: {}", db_error(&e)),
+                        format!(
+                            "check `{statement}` failed: {}",
+                            crate::pgconn::error_text(&e)
+                        ),
                     )
                 })?;
             let value: Option<bool> = row.try_get(0).map_err(|e| {
@@ -589,11 +592,6 @@ fn user_statements(text: &str) -> Vec<String> {
         .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
         .filter(|s| !s.is_empty())
         .collect()
-}
-
-fn db_error(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
 }
 
 fn free_port() -> u16 {

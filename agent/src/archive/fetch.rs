@@ -224,7 +224,7 @@ async fn restore_streamed(
     let Some(segno) = name.segment_no(seg) else {
         return Ok(None);
     };
-    let segment_start = Lsn(segno.0 * u64::from(seg));
+    let segment_start = segno.start(seg);
     let chain = covering_chain(&pieces, segment_start);
     let Some(end) = chain.last().map(|p| p.end) else {
         return Ok(None);

@@ -132,7 +132,7 @@ pub fn streamed_segments(
         let Some(segno) = name.segment_no(segment_size) else {
             continue;
         };
-        let start = Lsn(segno.0 * u64::from(segment_size));
+        let start = segno.start(segment_size);
         let chain = covering_chain(&pieces, start);
         let Some(last) = chain.last() else {
             continue;

@@ -200,7 +200,13 @@ async fn refresh(shared: &Shared) {
         }
         Err(e) => tracing::warn!(error = %e, "cannot list the repository"),
     }
-    match archiver_stats(&shared.cfg.pg).await {
+    // One connection for everything read from PostgreSQL.
+    let client = shared.cfg.pg.connect("pitr-agent daemon").await;
+    let archiver = match &client {
+        Ok(client) => archiver_stats(client).await,
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    match archiver {
         Ok((last_wal, last_time, failed)) => {
             if let Some(t) = last_time {
                 shared.metrics.archive_last_archived.set(t);
@@ -230,13 +236,10 @@ async fn refresh(shared: &Shared) {
         status.ready_segments = ready;
         status.archive_lag_seconds = lag;
     }
-    if let Some(cfg) = &shared.cfg.stream {
-        match crate::stream::slot_figures(&shared.cfg.pg, &cfg.slot).await {
-            Ok(Some((bytes, _))) => {
+    if let (Some(cfg), Ok(client)) = (&shared.cfg.stream, &client) {
+        match crate::stream::slot_retained_bytes(client, &cfg.slot).await {
+            Ok(bytes) => {
                 shared.metrics.slot_retained.set(bytes);
-            }
-            Ok(None) => {
-                shared.metrics.slot_retained.set(0);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read pg_replication_slots"),
         }
@@ -248,8 +251,9 @@ async fn refresh(shared: &Shared) {
 }
 
 /// `(last_archived_wal, last_archived_time, failed_count)`.
-async fn archiver_stats(pg: &PgTarget) -> anyhow::Result<(Option<String>, Option<f64>, i64)> {
-    let client = pg.connect("pitr-agent daemon").await?;
+async fn archiver_stats(
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<(Option<String>, Option<f64>, i64)> {
     let row = client
         .query_one(
             "SELECT last_archived_wal, extract(epoch FROM last_archived_time)::float8, \

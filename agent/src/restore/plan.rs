@@ -235,10 +235,7 @@ impl RestorePlan {
                 if want > newest && !req.allow_incomplete {
                     return Err(PlanError::BeyondArchive {
                         target: req.target.to_string(),
-                        newest: format!(
-                            "{newest_text}, ending at LSN {}",
-                            segment_end(newest, seg)
-                        ),
+                        newest: format!("{newest_text}, ending at LSN {}", newest.end(seg)),
                     });
                 }
                 // In the segment the stream is writing, only what it stored.
@@ -390,9 +387,4 @@ fn gap_runs(missing: &[(TimelineId, SegmentNo)]) -> Vec<(TimelineId, SegmentNo, 
         }
     }
     runs
-}
-
-/// The first LSN after segment `segno`.
-fn segment_end(segno: SegmentNo, seg: u32) -> Lsn {
-    Lsn((segno.0 + 1) * u64::from(seg))
 }

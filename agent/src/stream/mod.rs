@@ -180,7 +180,7 @@ async fn session(
 
     // Start at the first segment the repository does not hold whole.
     let mut segno = restart.segment(seg);
-    while segment_end(segno, seg) <= ident.flushed
+    while segno.end(seg) <= ident.flushed
         && repo
             .storage
             .head(&catalog::wal_key(&WalFileName::segment(
@@ -259,7 +259,10 @@ async fn session(
             done = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
                 inflight = None;
                 let end = done.context("an upload task failed")??;
-                if queue.front().is_some_and(|(n, _)| segment_end_of(n, seg) == Some(end)) {
+                if queue
+                    .front()
+                    .is_some_and(|(n, _)| n.segment_no(seg).map(|s| s.end(seg)) == Some(end))
+                {
                     queue.pop_front();
                 }
                 if end > stored {
@@ -320,7 +323,7 @@ impl SegmentState {
             timeline,
             segno,
             size,
-            start: Lsn(segno.0 * u64::from(size)),
+            start: segno.start(size),
             buf: Vec::with_capacity(size as usize),
             pieces: 0,
         }
@@ -353,7 +356,7 @@ impl SegmentState {
                 let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.size as usize));
                 complete.push((name, Bytes::from(full)));
                 self.segno = SegmentNo(self.segno.0 + 1);
-                self.start = Lsn(self.segno.0 * u64::from(self.size));
+                self.start = self.segno.start(self.size);
                 self.pieces = 0;
             }
         }
@@ -377,10 +380,8 @@ async fn store_segment(
     repo.storage
         .delete_prefix(&partial::partial_prefix(&name))
         .await?;
-    let segno = name
-        .segment_no(u32::try_from(size).unwrap_or(u32::MAX))
-        .unwrap_or(SegmentNo(0));
-    Ok(Lsn((segno.0 + 1) * size))
+    let seg = u32::try_from(size).unwrap_or(u32::MAX);
+    Ok(name.segment_no(seg).unwrap_or(SegmentNo(0)).end(seg))
 }
 
 /// Stores the piece of `segment` from `from`; with `replaces`, deletes the
@@ -597,28 +598,22 @@ async fn archive_hole(
     Ok(missing.first().cloned().zip(missing.last().cloned()))
 }
 
-/// The slot's retained WAL and state, for metrics: `(bytes, wal_status)`.
+/// The WAL the slot keeps on the server (0 without the slot), for metrics.
 ///
 /// # Errors
 /// PostgreSQL cannot be queried.
-pub async fn slot_figures(pg: &PgTarget, slot: &str) -> anyhow::Result<Option<(i64, String)>> {
-    let client = pg.connect("pitr-agent daemon").await?;
+pub async fn slot_retained_bytes(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<i64, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT COALESCE(pg_current_wal_lsn() - restart_lsn, 0)::int8, \
-             COALESCE(wal_status, 'unknown') FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT COALESCE(pg_current_wal_lsn() - restart_lsn, 0)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
-}
-
-fn segment_end(segno: SegmentNo, seg: u32) -> Lsn {
-    Lsn((segno.0 + 1) * u64::from(seg))
-}
-
-fn segment_end_of(name: &WalFileName, seg: u32) -> Option<Lsn> {
-    name.segment_no(seg).map(|s| segment_end(s, seg))
+    Ok(row.map_or(0, |r| r.get(0)))
 }
 
 fn unix_now() -> f64 {

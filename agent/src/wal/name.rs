@@ -7,11 +7,25 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::TimelineId;
+use super::{Lsn, TimelineId};
 
 /// A segment number counted from the start of WAL, independent of the timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentNo(pub u64);
+
+impl SegmentNo {
+    /// The position of the segment's first byte.
+    #[must_use]
+    pub fn start(self, segment_size: u32) -> Lsn {
+        Lsn(self.0 * u64::from(segment_size))
+    }
+
+    /// The position after the segment's last byte.
+    #[must_use]
+    pub fn end(self, segment_size: u32) -> Lsn {
+        Lsn((self.0 + 1) * u64::from(segment_size))
+    }
+}
 
 /// What kind of file PostgreSQL hands to `archive_command`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
