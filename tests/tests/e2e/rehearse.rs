@@ -24,6 +24,15 @@ fn rehearse(setup: &Setup, scratch: &std::path::Path, extra: &[&str]) -> (i32, V
     (out.status.code().unwrap_or(-1), record)
 }
 
+/// When the source's newest transaction committed, as Unix seconds.
+fn newest_commit(setup: &Setup) -> f64 {
+    setup
+        .pg
+        .sql("SELECT extract(epoch FROM (pg_last_committed_xact()).timestamp)")
+        .parse()
+        .expect("epoch")
+}
+
 fn empty(dir: &std::path::Path) -> bool {
     std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
 }
@@ -43,11 +52,7 @@ fn rehearsals_prove_a_good_repository_and_name_each_failure() {
         .pg
         .exec("INSERT INTO t SELECT generate_series(101, 250)");
     let _ = setup.archive_now();
-    let newest: f64 = setup
-        .pg
-        .sql("SELECT extract(epoch FROM (pg_last_committed_xact()).timestamp)")
-        .parse()
-        .expect("epoch");
+    let newest = newest_commit(&setup);
     let scratch = pitr_tests::user_tempdir(pitr_tests::RunAs::test_user(), "rehearse");
     let checks = scratch.path().join("checks.sql");
     std::fs::write(&checks, "-- every row\nselect count(*) = 250 from t;\n").expect("write");
@@ -293,11 +298,7 @@ fn a_good_s3_repository_is_proven_restorable_to_its_newest_commit() {
     setup.backup();
     setup.pg.pgbench(&["-c", "2", "-t", "200"]);
     let _ = setup.archive_now();
-    let newest: f64 = setup
-        .pg
-        .sql("SELECT extract(epoch FROM (pg_last_committed_xact()).timestamp)")
-        .parse()
-        .expect("epoch");
+    let newest = newest_commit(&setup);
     let scratch = pitr_tests::user_tempdir(pitr_tests::RunAs::test_user(), "rehearse");
     let (code, record) = rehearse(&setup, scratch.path(), &["--rehearse-heapallindexed"]);
     assert_eq!(code, 0, "{record:#}");

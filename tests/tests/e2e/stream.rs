@@ -25,6 +25,13 @@ const FLUSH: Duration = Duration::from_secs(2);
 /// Lines every streaming cluster needs.
 const STREAM_CONF: &[&str] = &["max_replication_slots = 4"];
 
+/// Little WAL kept for its own sake, so that only a slot holds it.
+const SMALL_PG_WAL: &[&str] = &[
+    "wal_keep_size = 0",
+    "min_wal_size = '32MB'",
+    "max_wal_size = '32MB'",
+];
+
 /// How a node-loss run protects its commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -366,12 +373,8 @@ fn a_killed_agent_resumes_from_its_slot_without_a_gap() {
     let Some(bin) = pg_bin() else { return };
     // No archive_command: only the slot keeps the WAL the dead agent missed.
     let mut conf = STREAM_CONF.to_vec();
-    conf.extend([
-        "archive_mode = off",
-        "wal_keep_size = 0",
-        "min_wal_size = '32MB'",
-        "max_wal_size = '32MB'",
-    ]);
+    conf.push("archive_mode = off");
+    conf.extend_from_slice(SMALL_PG_WAL);
     let setup = Setup::file_with(&bin, &conf);
     // The slot first: it also keeps the WAL pg_basebackup -X fetch copies.
     let port = free_port();
@@ -536,12 +539,8 @@ fn an_unreachable_repository_lets_async_write_on_and_holds_sync_commits() {
 fn an_invalidated_slot_is_recreated_only_once_the_archive_has_no_hole() {
     let Some(bin) = pg_bin() else { return };
     let mut conf = STREAM_CONF.to_vec();
-    conf.extend([
-        "max_slot_wal_keep_size = '32MB'",
-        "wal_keep_size = 0",
-        "min_wal_size = '32MB'",
-        "max_wal_size = '32MB'",
-    ]);
+    conf.push("max_slot_wal_keep_size = '32MB'");
+    conf.extend_from_slice(SMALL_PG_WAL);
     let setup = Setup::file_with(&bin, &conf);
     let port = free_port();
     let mut daemon = start_streaming(&setup, port, &[]);

@@ -283,16 +283,22 @@ fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
         Some("- -c"),
         "the setting follows -c"
     );
-    if tool("kubernetes-validate", "PyPI kubernetes-validate") {
-        let file = dir.join("rendered.yaml");
-        std::fs::write(&file, &text).expect("write");
-        run(
-            Command::new("kubernetes-validate")
-                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-                .arg(&file),
-            "kubernetes-validate --strict with the synchronous-stream component",
-        );
+    validate_strictly(&dir, &text, "the synchronous-stream component");
+}
+
+/// `kubernetes-validate --strict` on `text`, written into `dir`.
+fn validate_strictly(dir: &Path, text: &str, what: &str) {
+    if !tool("kubernetes-validate", "PyPI kubernetes-validate") {
+        return;
     }
+    let file = dir.join("rendered.yaml");
+    std::fs::write(&file, text).expect("write");
+    run(
+        Command::new("kubernetes-validate")
+            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+            .arg(&file),
+        &format!("kubernetes-validate --strict with {what}"),
+    );
 }
 
 /// The production overlay with `component` added to its `components:`, as an
@@ -368,16 +374,7 @@ fn the_restore_rehearsal_component_renders_a_cronjob_that_validates() {
         text.contains("PITR_REHEARSE_SCHEDULE: \"\""),
         "the sidecar never rehearses"
     );
-    if tool("kubernetes-validate", "PyPI kubernetes-validate") {
-        let file = dir.join("rendered.yaml");
-        std::fs::write(&file, &text).expect("write");
-        run(
-            Command::new("kubernetes-validate")
-                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-                .arg(&file),
-            "kubernetes-validate --strict with the restore-rehearsal component",
-        );
-    }
+    validate_strictly(&dir, &text, "the restore-rehearsal component");
     if tool("checkov", "PyPI checkov") {
         let only = dir.join("checkov");
         std::fs::create_dir_all(&only).expect("mkdir");
