@@ -125,9 +125,9 @@ impl Source {
 pub(crate) struct Restored {
     bin: PgBin,
     _tmp: tempfile::TempDir,
-    data: PathBuf,
-    socket: PathBuf,
-    port: u16,
+    pub(crate) data: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) port: u16,
 }
 
 impl Restored {

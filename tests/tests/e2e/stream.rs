@@ -619,3 +619,79 @@ fn an_invalidated_slot_is_recreated_only_once_the_archive_has_no_hole() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn a_restored_cluster_streams_on_its_new_timeline_and_restores_from_it() {
+    let Some(bin) = pg_bin() else { return };
+    let setup = Setup::file_with(&bin, STREAM_CONF);
+    let port = free_port();
+    let daemon = start_streaming(&setup, port, &[]);
+    setup.pg.exec("CREATE TABLE acked (id bigint PRIMARY KEY)");
+    setup.backup();
+    setup
+        .pg
+        .exec("INSERT INTO acked SELECT generate_series(1, 100)");
+    wait_caught_up(&setup, port, Duration::from_secs(60));
+    stop(daemon);
+    setup.pg.stop();
+
+    // Restored and promoted onto timeline 2; its own stream runs there.
+    let first = Restored::new(&bin);
+    ok(
+        &first.pgrestore(&setup, &["--target", "latest", "--start"]),
+        "pgrestore --target latest",
+    );
+    let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
+    cmd.args(["--repo", &setup.repo, "daemon", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--refresh",
+            "1s",
+            "--backup-schedule",
+            "",
+            "--verify-schedule",
+            "",
+        ])
+        .args([
+            "--rehearse-schedule",
+            "",
+            "--stream",
+            "on",
+            "--stream-flush",
+            "1s",
+        ])
+        .env("PGHOST", &first.socket)
+        .env("PGPORT", first.port.to_string())
+        .env("PGUSER", "postgres")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut daemon = cmd.spawn().expect("start the daemon");
+    wait_for("the stream on timeline 2", Duration::from_secs(60), || {
+        status(port).filter(|s| s["stream"]["up"] == true && s["stream"]["timeline"] == 2)
+    });
+    // Rows only the stream holds: their segment is neither full nor switched.
+    first.sql("INSERT INTO acked SELECT generate_series(101, 200)");
+    let current = lsn(&first.sql("SELECT pg_current_wal_lsn()")).expect("lsn");
+    wait_for("timeline 2's WAL stored", Duration::from_secs(60), || {
+        stored_lsn(port).filter(|s| *s >= current)
+    });
+    let postmaster = std::fs::read_to_string(first.data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())
+        .expect("pid");
+    sigkill(postmaster);
+    sigkill(daemon.id());
+    let _ = daemon.wait();
+
+    let second = Restored::new(&bin);
+    ok(
+        &second.pgrestore(&setup, &["--target", "latest", "--start"]),
+        "pgrestore --target latest from timeline 2's stream",
+    );
+    assert_eq!(second.sql("SELECT count(*) FROM acked"), "200");
+    assert_eq!(
+        second.sql("SELECT timeline_id FROM pg_control_checkpoint()"),
+        "3",
+        "the second restore promoted onto timeline 3"
+    );
+}
