@@ -203,6 +203,28 @@ async fn restore_streamed(
     name: &WalFileName,
     dest: &Path,
 ) -> Result<Option<Lsn>, ArchiveError> {
+    let Some((mut data, end, seg)) = streamed_bytes(repo, name).await? else {
+        return Ok(None);
+    };
+    data.resize(seg as usize, 0);
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_plain(&data, &dest))
+        .await
+        .map_err(|e| join_error(Path::new(name.as_str()), e))??;
+    tracing::info!(file = %name, streamed_to = %end, "restored the streamed part of a segment never archived whole");
+    Ok(Some(end))
+}
+
+/// The streamed part of segment `name`: the bytes of the pieces that cover
+/// it from its first byte, where they end, and the segment size. `None`
+/// when no piece starts at the segment's first byte.
+///
+/// # Errors
+/// Listing or reading a piece fails, or a piece is corrupt.
+pub(crate) async fn streamed_bytes(
+    repo: &Repository,
+    name: &WalFileName,
+) -> Result<Option<(Vec<u8>, Lsn, u32)>, ArchiveError> {
     let pieces: Vec<PartialPiece> = repo
         .storage
         .list(&partial_prefix(name))
@@ -240,13 +262,7 @@ async fn restore_streamed(
         let skip = usize::try_from(covered - piece.start.0).unwrap_or(usize::MAX);
         data.extend_from_slice(bytes.get(skip..).unwrap_or_default());
     }
-    data.resize(seg as usize, 0);
-    let dest = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || write_plain(&data, &dest))
-        .await
-        .map_err(|e| join_error(Path::new(name.as_str()), e))??;
-    tracing::info!(file = %name, streamed_to = %end, "restored the streamed part of a segment never archived whole");
-    Ok(Some(end))
+    Ok(Some((data, end, seg)))
 }
 
 /// One streamed piece, decompressed and checked against its key's length.

@@ -6,6 +6,8 @@
 mod continuity;
 mod history;
 mod name;
+pub mod records;
+pub mod summary;
 
 pub use continuity::{Stretch, WalIndex};
 pub use history::{HistoryEntry, TimelineHistory};

@@ -10,6 +10,7 @@ mod fetch;
 mod rehearse;
 mod restore;
 mod stream;
+mod walread;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
