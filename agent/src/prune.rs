@@ -57,6 +57,10 @@ pub async fn apply(
         outcome.wal_files += 1;
     }
     outcome.wal_bytes = plan.delete_wal_bytes;
+    // After their WAL: a summary without its segment is harmless.
+    for key in &plan.delete_summaries {
+        storage.delete(key).await?;
+    }
     for id in &plan.delete_debris {
         // Re-check: a backup that committed since the listing is not debris.
         if storage.head(&id.key(RECORD_FILE)).await?.is_some() {

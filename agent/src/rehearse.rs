@@ -27,7 +27,7 @@ use crate::cli::RepoArgs;
 use crate::pgconn::PgTarget;
 use crate::repository::Repository;
 use crate::restore::files;
-use crate::restore::plan::{PlanRequest, RestorePlan};
+use crate::restore::plan::PlanRequest;
 use crate::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
 use crate::restore::target::{RecoveryTarget, TargetAction, TargetTime, TargetTimeline};
 use crate::storage::PutMode;
@@ -317,8 +317,9 @@ async fn run(
         backup: None,
         allow_incomplete: false,
     };
-    let plan = RestorePlan::compute(catalog, &index, &req)
-        .map_err(|e| (FailureReason::Plan, e.to_string()))?;
+    let plan = crate::restore::plan::plan_restore(repo, catalog, &index, &req)
+        .await
+        .map_err(|e| (FailureReason::Plan, format!("{e:#}")))?;
     record.backup = Some(plan.backup.id.to_string());
     let major = plan.backup.pg_version / 10_000;
     let pg_ctl = cfg
@@ -352,7 +353,7 @@ async fn run(
 
     let recovery = RecoveryConfig {
         restore_command: files::restore_command(&cfg.agent, repo_args),
-        target: target.clone(),
+        target: plan.recover_to.clone(),
         timeline: plan.target_timeline.clone(),
         action: TargetAction::Promote,
         exclusive: false,
@@ -392,6 +393,7 @@ async fn run(
         .and_then(|t| TargetTime::parse(t).ok())
         .map(|t| t.micros as f64 / 1e6);
     record.replay_lsn = reached.replay_lsn.clone();
+    files::check_replay_end(&plan, &reached).map_err(|e| (FailureReason::Replay, e))?;
 
     let clock = Instant::now();
     let result = checks(cfg, &amcheck, &socket, port, record).await;

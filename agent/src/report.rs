@@ -96,6 +96,26 @@ pub struct Listing<'a> {
     /// The newest successful one: the last proven restorable point.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_proven: Option<&'a crate::rehearse::RehearsalRecord>,
+    /// Restore points in the archived WAL (`--target-name`), oldest first.
+    pub restore_points: Vec<ListedRestorePoint>,
+    /// Archived segments with unreadable records: a restore stops there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub damaged_wal: Vec<String>,
+}
+
+/// A restore point as `list` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ListedRestorePoint {
+    /// Its name.
+    pub name: String,
+    /// When it was made.
+    #[serde(with = "time_text")]
+    pub time: SystemTime,
+    /// Where.
+    pub lsn: String,
+    /// The segment that holds it.
+    pub segment: String,
 }
 
 /// Builds the listing.
@@ -132,6 +152,23 @@ pub fn listing(catalog: &Catalog, now: SystemTime) -> Listing<'_> {
         wal_bytes: catalog.wal.iter().map(|w| w.meta.size).sum(),
         last_rehearsal: catalog.rehearsals.newest.as_ref(),
         last_proven: catalog.rehearsals.newest_ok.as_ref(),
+        restore_points: catalog
+            .archive_end
+            .iter()
+            .flat_map(|e| &e.restore_points)
+            .map(|(segment, rp)| ListedRestorePoint {
+                name: rp.name.clone(),
+                time: crate::catalog::backup::micros_to_time(rp.time_us),
+                lsn: rp.lsn.to_string(),
+                segment: segment.to_string(),
+            })
+            .collect(),
+        damaged_wal: catalog
+            .archive_end
+            .iter()
+            .flat_map(|e| &e.damaged)
+            .map(ToString::to_string)
+            .collect(),
     }
 }
 
@@ -170,11 +207,23 @@ pub fn listing_table(l: &Listing<'_>) -> String {
                 .as_ref()
                 .map(|lsn| format!(", streamed to {lsn}"))
                 .unwrap_or_default();
+            let end = match w.last_commit {
+                Some(c) if w.end_is_last_commit => format!(
+                    "{} (the newest commit)",
+                    humantime::format_rfc3339_micros(c)
+                        .to_string()
+                        .replace('T', " ")
+                        .trim_end_matches('Z')
+                ),
+                _ if w.end_is_last_commit || w.end != w.archived_to => {
+                    format!("{} (the newest backup's end; no commit since)", time(w.end))
+                }
+                _ => format!("{} (when the newest WAL was stored)", time(w.end)),
+            };
             let _ = writeln!(
                 out,
-                "restorable window: {} .. {} (newest archived WAL: {}{streamed})",
+                "restorable window: {} .. {end} (newest archived WAL: {}{streamed})",
                 time(w.start),
-                time(w.end),
                 w.newest_wal.as_deref().unwrap_or("none")
             );
         }
@@ -186,6 +235,21 @@ pub fn listing_table(l: &Listing<'_>) -> String {
         l.wal_files,
         bytes(l.wal_bytes)
     );
+    for rp in &l.restore_points {
+        let _ = writeln!(
+            out,
+            "restore point {:?}: {} at {} (pgrestore --target-name)",
+            rp.name,
+            time(rp.time),
+            rp.lsn
+        );
+    }
+    for d in &l.damaged_wal {
+        let _ = writeln!(
+            out,
+            "DAMAGED WAL: {d} has unreadable records; a restore stops there (`pitr-agent verify`)"
+        );
+    }
     if let Some(r) = l.last_proven {
         let _ = writeln!(
             out,
@@ -241,11 +305,18 @@ pub fn verify_text(r: &VerifyReport) -> String {
         .count();
     let _ = writeln!(
         out,
-        "verified {} backups ({} files, {} read) and {} WAL segments: {} errors, {} warnings",
+        "verified {} backups ({} files, {} read) and {} WAL segments ({} WAL objects read back{}): \
+         {} errors, {} warnings",
         r.backups_checked.len(),
         r.files_checked,
         bytes(r.bytes_read),
         r.wal_segments_checked,
+        r.wal_objects_read,
+        if r.wal_summaries_stored > 0 {
+            format!(", {} summaries stored", r.wal_summaries_stored)
+        } else {
+            String::new()
+        },
         errors,
         r.findings.len() - errors
     );

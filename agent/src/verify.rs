@@ -21,7 +21,10 @@ use crate::backup::manifest::{FileHasher, PgManifest};
 use crate::backup::tar::{EntryKind, Event, TarError, TarReader};
 use crate::catalog::backup::{BackupId, BackupRecord, Catalog, DATA_FILE, MANIFEST_FILE};
 use crate::catalog::wal_key;
+use crate::compress;
+use crate::repository::Repository;
 use crate::storage::{Storage, StorageError};
+use crate::wal::summary::{self, Link, SegmentSummary};
 use crate::wal::{SegmentNo, TimelineHistory, TimelineId, WalIndex};
 
 /// How bad a finding is.
@@ -59,6 +62,9 @@ pub struct Finding {
 /// What to check.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
+    /// Store the WAL summaries that are missing (`--summarize`): the only
+    /// write `verify` makes.
+    pub summarize: bool,
     /// Only this backup (WAL is still checked from its start).
     pub backup: Option<BackupId>,
     /// Warn when the newest backup is older than this.
@@ -79,6 +85,10 @@ pub struct VerifyReport {
     pub bytes_read: u64,
     /// WAL segments found in the ranges checked.
     pub wal_segments_checked: u64,
+    /// WAL objects decompressed and checked against their digests.
+    pub wal_objects_read: u64,
+    /// WAL summaries stored by `--summarize`.
+    pub wal_summaries_stored: u64,
     /// Everything found, errors first.
     pub findings: Vec<Finding>,
 }
@@ -105,15 +115,18 @@ impl VerifyReport {
 /// Only when verify itself cannot run (listing or reading fails for a reason
 /// other than a missing or corrupt object).
 pub async fn verify(
-    storage: &Storage,
+    repo: &Repository,
     catalog: &Catalog,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, StorageError> {
+    let storage = &repo.storage;
     let mut report = VerifyReport {
         backups_checked: Vec::new(),
         files_checked: 0,
         bytes_read: 0,
         wal_segments_checked: 0,
+        wal_objects_read: 0,
+        wal_summaries_stored: 0,
         findings: Vec::new(),
     };
     let selected: Vec<&BackupRecord> = match &opts.backup {
@@ -191,10 +204,116 @@ pub async fn verify(
             ),
         });
     }
+    verify_wal_objects(repo, catalog, opts, &mut report).await?;
     report
         .findings
         .sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(report)
+}
+
+/// WAL objects read at once: each holds a segment in memory.
+const WAL_READERS: usize = 2;
+
+/// Reads every WAL object as a restore would: decompressed, checked
+/// against its digest, and (segments) its records read. Damage and
+/// segments that do not chain are errors naming the segment and LSN; with
+/// `--summarize`, the summaries that are missing are stored.
+async fn verify_wal_objects(
+    repo: &Repository,
+    catalog: &Catalog,
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> Result<(), StorageError> {
+    use futures::StreamExt as _;
+    let jobs: Vec<_> = catalog
+        .wal
+        .iter()
+        .map(|w| {
+            let name = w.name.clone();
+            async move {
+                let key = wal_key(&name);
+                let read = match repo.storage.get(&key).await {
+                    Ok(gz) => gz,
+                    Err(e) if e.is_not_found() => return (name, Ok(None)),
+                    Err(e) => return (name, Err(Err(e))),
+                };
+                let location = repo.storage.location(&key);
+                let n = name.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let mut raw = Vec::new();
+                    compress::gunzip_verified(&read, &mut raw)
+                        .map_err(|e| format!("{location}: {e}"))
+                        .and_then(|_| {
+                            crate::archive::summary::summarize_file(&n, &raw)
+                                .map_err(|e| format!("{location}: {e}"))
+                        })
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("reading {name}: {e}")));
+                (name, checked.map_err(Ok))
+            }
+        })
+        .collect();
+    let mut results = futures::stream::iter(jobs).buffered(WAL_READERS);
+    let mut summaries: Vec<SegmentSummary> = Vec::new();
+    while let Some((name, result)) = results.next().await {
+        match result {
+            Ok(None) => {}
+            Ok(Some(summary)) => {
+                report.wal_objects_read += 1;
+                if let Some(d) = &summary.damage {
+                    report.findings.push(Finding {
+                        severity: Severity::Error,
+                        subject: "wal".into(),
+                        message: format!(
+                            "{name}: unreadable WAL at {}: {}; a restore stops there and loses \
+                             every later commit. If the primary still has {name} in pg_wal, \
+                             compare it; take a new backup so that later targets do not need it",
+                            d.lsn, d.reason
+                        ),
+                    });
+                }
+                if opts.summarize && !catalog.summaries.contains_key(&name) {
+                    crate::archive::summary::store_summary(&repo.storage, &summary).await?;
+                    report.wal_summaries_stored += 1;
+                }
+                summaries.push(summary);
+            }
+            Err(Ok(message)) => {
+                report.wal_objects_read += 1;
+                report.findings.push(Finding {
+                    severity: Severity::Error,
+                    subject: "wal".into(),
+                    message: format!(
+                        "{name} cannot be read back: {message}; a restore that needs it stops \
+                         there. Take a new backup so that later targets do not need it"
+                    ),
+                });
+            }
+            Err(Err(e)) => return Err(e),
+        }
+    }
+    // Consecutive segments of one timeline must chain.
+    let seg = catalog.segment_size();
+    summaries.sort_by_key(|s| (s.segment.timeline(), s.segment.segment_no(seg)));
+    for pair in summaries.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let consecutive = a.segment.timeline() == b.segment.timeline()
+            && a.segment.kind() == crate::wal::WalFileKind::Segment
+            && b.segment.kind() == crate::wal::WalFileKind::Segment
+            && a.segment.segment_no(seg).map(|s| s.0 + 1) == b.segment.segment_no(seg).map(|s| s.0);
+        if consecutive && let Link::Broken(d) = summary::link(a, b) {
+            report.findings.push(Finding {
+                severity: Severity::Error,
+                subject: "wal".into(),
+                message: format!(
+                    "{} does not continue {} at {}: {}; a restore stops there",
+                    b.segment, a.segment, d.lsn, d.reason
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Findings are capped per backup so one broken tar does not flood the report.

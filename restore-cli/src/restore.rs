@@ -9,7 +9,7 @@ use anyhow::bail;
 use pitr_agent::cli::RepoArgs;
 use pitr_agent::commands::catalog::open_catalog;
 use pitr_agent::report;
-use pitr_agent::restore::plan::{PlanRequest, RestorePlan};
+use pitr_agent::restore::plan::{PlanRequest, RestorePlan, plan_restore};
 use pitr_agent::restore::recovery::{RecoveryConfig, StartConfig, start_and_wait};
 use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTimeline};
 use pitr_agent::restore::{check_target_dir, extract, files};
@@ -45,16 +45,17 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     let existed = check_target_dir(&dir)?;
     let agent = files::find_agent(args.agent.as_deref())?;
 
-    let (repo, catalog) = open_catalog(repo_args, "read the catalog of").await?;
+    let (repo, mut catalog) = open_catalog(repo_args, "read the catalog of").await?;
     let (histories, _) = catalog.histories(&repo.storage).await?;
     let index = catalog.wal_index(histories);
+    pitr_agent::archive::summary::resolve_archive_end(&repo, &mut catalog, &index).await?;
     let req = PlanRequest {
         target: target.clone(),
         timeline: args.target_timeline,
         backup: args.backup.clone(),
         allow_incomplete: args.allow_incomplete,
     };
-    let plan = RestorePlan::compute(&catalog, &index, &req)?;
+    let plan = plan_restore(&repo, &catalog, &index, &req).await?;
     // Without a target PostgreSQL replays all there is and promotes: it
     // cannot pause or shut down there.
     let action = if target == RecoveryTarget::Latest {
@@ -94,7 +95,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     };
     let recovery = RecoveryConfig {
         restore_command: files::restore_command(&agent, repo_args),
-        target: target.clone(),
+        target: plan.recover_to.clone(),
         timeline: plan.target_timeline.clone(),
         action,
         exclusive: args.exclusive,
@@ -153,6 +154,14 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             args.socket_dir.display()
         ));
         let r = start_and_wait(&dir, &cfg).await?;
+        if let Err(short) = files::check_replay_end(&plan, &r) {
+            files::stop_server(&cfg.pg_ctl, &dir).await;
+            bail!(
+                "{short}. The server was stopped; {} is not a usable result: empty it, and restore \
+                 to an earlier target or repair the WAL (`pitr-agent verify` names what is damaged)",
+                dir.display()
+            );
+        }
         say(&format!(
             "pgrestore: reached the target: last replayed transaction at {}, WAL replayed to {}; {}",
             r.last_transaction_time

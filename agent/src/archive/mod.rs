@@ -22,6 +22,7 @@ mod fetch;
 mod markers;
 mod push;
 mod spool;
+pub mod summary;
 
 pub use fetch::{FetchConfig, FetchOutcome, PrefetchRequest, wal_fetch, wal_fetch_retrying};
 pub(crate) use push::store_compressed;

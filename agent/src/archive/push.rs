@@ -215,7 +215,7 @@ async fn push_file(
     budget: &MemoryBudget,
     mut permit: OwnedSemaphorePermit,
 ) -> Result<(PushOutcome, Sha256Digest), ArchiveError> {
-    let (raw, digest, gz) = {
+    let (raw, digest, gz, summary) = {
         let (file, file_name) = (path.to_path_buf(), name.clone());
         tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
             let raw = read_wal_file(&file, &file_name, cluster)?;
@@ -227,7 +227,9 @@ async fn push_file(
                 compression.level,
                 compression.threads,
             );
-            Ok((raw.len(), digest, gz))
+            // The records, read from the bytes already in memory.
+            let summary = super::summary::summarize_quietly(&file_name, &raw);
+            Ok((raw.len(), digest, gz, summary))
         })
         .await
         .map_err(|e| join_error(path, e))??
@@ -236,6 +238,12 @@ async fn push_file(
     tracing::debug!(file = %name, raw, stored = gz.len(), "pushing");
     let outcome =
         store_compressed(&repo.storage, &catalog::wal_key(name), name, digest, gz).await?;
+    if let Some(s) = &summary
+        && let Some(d) = &s.damage
+    {
+        tracing::error!(file = %name, lsn = %d.lsn, reason = %d.reason, "archived WAL with unreadable records: a restore stops there; `pitr-agent verify` reports it");
+    }
+    super::summary::store_summary_best_effort(&repo.storage, summary).await;
     Ok((outcome, digest))
 }
 

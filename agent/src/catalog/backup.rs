@@ -273,6 +273,29 @@ pub struct Catalog {
     pub streamed: Vec<super::partial::StreamedSegment>,
     /// Restore rehearsals: the newest, the newest that succeeded, counts.
     pub rehearsals: crate::rehearse::Rehearsals,
+    /// The stored WAL summaries, by WAL file.
+    pub summaries: HashMap<WalFileName, super::SummaryEntry>,
+    /// Where the archived WAL ends, once resolved from the summaries
+    /// (`crate::archive::summary::resolve_archive_end`).
+    pub archive_end: Option<ArchiveEnd>,
+}
+
+/// Where the archived WAL of the newest timeline ends, read from the
+/// summaries of its newest segments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ArchiveEnd {
+    /// The newest commit.
+    pub last_commit: Option<crate::wal::summary::XactPoint>,
+    /// The segment that holds it.
+    pub last_commit_segment: Option<WalFileName>,
+    /// Restore points, oldest first, of every timeline.
+    pub restore_points: Vec<(WalFileName, crate::wal::summary::RestorePoint)>,
+    /// Segments whose records cannot all be read.
+    pub damaged: Vec<WalFileName>,
+    /// Whether the newest commit was found (or there is none since the
+    /// newest backup): else the window's end stays an estimate.
+    pub resolved: bool,
 }
 
 /// The `backup.json` records read so far, by backup and size. They are
@@ -423,6 +446,11 @@ impl Catalog {
         });
         catalog.streamed = streamed;
         catalog.rehearsals = crate::rehearse::load(storage).await?;
+        for object in storage.list(super::SUMMARY_PREFIX).await? {
+            if let Some(entry) = super::summary_entry(&object.key) {
+                catalog.summaries.insert(entry.name.clone(), entry);
+            }
+        }
         Ok(catalog)
     }
 
@@ -536,7 +564,9 @@ impl Catalog {
     }
 
     /// The window of times a restore can reach: from the oldest backup's end
-    /// to the newest archived WAL (or the newest backup's end, if later).
+    /// to the newest commit in the archived WAL (or the newest backup's
+    /// end, if later). Without resolved summaries ([`Catalog::archive_end`])
+    /// the end is when the newest WAL was stored, an estimate.
     #[must_use]
     pub fn restorable_window(&self) -> Option<RestorableWindow> {
         let oldest = self.backups.iter().min_by_key(|b| b.stop_time)?;
@@ -544,16 +574,42 @@ impl Catalog {
         let newest_wal = self.newest_segment();
         let wal_time = newest_wal.and_then(|w| w.meta.modified);
         let stream = self.stream_end();
-        let end = [wal_time, stream.and_then(|s| s.modified)]
+        let archived_to = [wal_time, stream.and_then(|s| s.modified)]
             .into_iter()
             .flatten()
             .fold(newest_backup_end, SystemTime::max);
+        let last_commit = self
+            .archive_end
+            .as_ref()
+            .and_then(|e| e.last_commit.as_ref())
+            .map(|c| micros_to_time(c.time_us));
+        let end = match &self.archive_end {
+            Some(e) if e.resolved => {
+                last_commit.map_or(newest_backup_end, |c| c.max(newest_backup_end))
+            }
+            _ => archived_to,
+        };
         Some(RestorableWindow {
             start: oldest.stop_time,
+            // The archive holds everything to its newest commit, whatever
+            // the store's clock (S3 times have one-second precision).
+            archived_to: archived_to.max(end),
             end,
+            end_is_last_commit: last_commit.is_some_and(|c| c >= newest_backup_end),
+            last_commit,
             newest_wal: newest_wal.map(|w| w.name.to_string()),
             streamed_to: stream.map(|s| s.end.to_string()),
         })
+    }
+}
+
+/// A time in microseconds since the Unix epoch (as WAL summaries keep it).
+#[must_use]
+pub fn micros_to_time(us: i64) -> SystemTime {
+    if us >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(us.unsigned_abs())
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
     }
 }
 
@@ -564,14 +620,44 @@ pub struct RestorableWindow {
     /// The oldest backup's end.
     #[serde(with = "time_text")]
     pub start: SystemTime,
-    /// About when the newest archived WAL was written.
+    /// The newest commit in the archive (or the newest backup's end, if
+    /// later): every second up to it is restorable.
     #[serde(with = "time_text")]
     pub end: SystemTime,
+    /// Whether `end` is the newest commit read from the WAL (else the
+    /// newest backup's end, or an estimate from storage times).
+    pub end_is_last_commit: bool,
+    /// The newest commit in the archived WAL.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_time_text"
+    )]
+    pub last_commit: Option<SystemTime>,
+    /// When the newest WAL was stored: a target between `end` and this
+    /// restores everything archived (nothing was committed in between).
+    #[serde(with = "time_text")]
+    pub archived_to: SystemTime,
     /// The newest archived WAL segment.
     pub newest_wal: Option<String>,
     /// Where the streamed WAL after it ends (an LSN), when streaming.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streamed_to: Option<String>,
+}
+
+/// `Option<SystemTime>` as RFC 3339 text.
+mod opt_time_text {
+    use std::time::SystemTime;
+
+    use serde::Serializer;
+
+    /// Writes `2026-11-22T06:52:00.123456Z` (commit times have microseconds).
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(&humantime::format_rfc3339_micros(*t)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// Records for unit tests.

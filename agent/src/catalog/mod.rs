@@ -6,6 +6,9 @@
 //!   (written by `pitr-agent init`);
 //! - `pitr-owner.json`: the owner, when `init` ran before the cluster existed;
 //! - `wal/<walfile>.gz`: every archived WAL file, plain gzip;
+//! - `wal-summary/<walfile>[.rp][.damaged].json`: what each segment holds
+//!   (see [`crate::wal::summary`]); the name says whether it has restore
+//!   points or damage, so that a listing alone finds those;
 //! - `wal-partial/<segment>/<start>-<end>.gz`: streamed pieces of the segment
 //!   being written (see [`partial`]);
 //! - `backups/<id>/`: `base.tar.gz`, `backup_manifest`, and `backup.json` last;
@@ -25,9 +28,59 @@ pub use identity::{
 
 use crate::storage::ObjectKey;
 use crate::wal::WalFileName;
+use crate::wal::summary::SegmentSummary;
 
 /// The key prefix that holds WAL.
 pub const WAL_PREFIX: &str = "wal/";
+
+/// The key prefix that holds WAL summaries.
+pub const SUMMARY_PREFIX: &str = "wal-summary/";
+
+/// A stored summary, as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryEntry {
+    /// The WAL file it summarizes.
+    pub name: WalFileName,
+    /// Whether the segment has restore points.
+    pub restore_points: bool,
+    /// Whether the segment has unreadable records.
+    pub damaged: bool,
+    /// The object.
+    pub key: ObjectKey,
+}
+
+/// The key of `summary`.
+#[must_use]
+pub fn summary_key(summary: &SegmentSummary) -> ObjectKey {
+    let mut key = format!("{SUMMARY_PREFIX}{}", summary.segment);
+    if !summary.restore_points.is_empty() {
+        key.push_str(".rp");
+    }
+    if summary.damage.is_some() {
+        key.push_str(".damaged");
+    }
+    key.push_str(".json");
+    ObjectKey::new(key).expect("WAL file names are valid keys")
+}
+
+/// The summary a listed object is, if it is one.
+#[must_use]
+pub fn summary_entry(key: &ObjectKey) -> Option<SummaryEntry> {
+    let mut rest = key
+        .as_str()
+        .strip_prefix(SUMMARY_PREFIX)?
+        .strip_suffix(".json")?;
+    let damaged = rest.ends_with(".damaged");
+    rest = rest.strip_suffix(".damaged").unwrap_or(rest);
+    let restore_points = rest.ends_with(".rp");
+    rest = rest.strip_suffix(".rp").unwrap_or(rest);
+    Some(SummaryEntry {
+        name: rest.parse().ok()?,
+        restore_points,
+        damaged,
+        key: key.clone(),
+    })
+}
 
 /// The key of the repository record; a repository exists once it does.
 pub const OWNER_KEY: &str = "pitr-repository.json";
@@ -91,6 +144,43 @@ mod tests {
         }
         assert_eq!(wal_name_of(&ObjectKey::new("wal/x.gz").expect("key")), None);
         assert_eq!(wal_name_of(&ObjectKey::new(OWNER_KEY).expect("key")), None);
+    }
+
+    #[test]
+    fn summary_keys_carry_their_flags() {
+        for (name, rp, damaged, key) in [
+            (
+                "000000010000000000000003",
+                false,
+                false,
+                "wal-summary/000000010000000000000003.json",
+            ),
+            (
+                "000000010000000000000003",
+                true,
+                false,
+                "wal-summary/000000010000000000000003.rp.json",
+            ),
+            (
+                "000000020000000000000004.partial",
+                true,
+                true,
+                "wal-summary/000000020000000000000004.partial.rp.damaged.json",
+            ),
+        ] {
+            let key = ObjectKey::new(key).expect("key");
+            let entry = summary_entry(&key).expect("a summary");
+            assert_eq!(entry.name.as_str(), name);
+            assert_eq!((entry.restore_points, entry.damaged), (rp, damaged));
+        }
+        assert_eq!(
+            summary_entry(&ObjectKey::new("wal-summary/x.json").expect("key")),
+            None
+        );
+        assert_eq!(
+            summary_entry(&ObjectKey::new("wal/000000010000000000000003.gz").expect("key")),
+            None
+        );
     }
 
     #[test]

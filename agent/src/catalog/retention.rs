@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use super::backup::{BackupId, Catalog};
-use crate::wal::{SegmentNo, WalFileKind, WalFileName};
+use crate::wal::{SegmentNo, TimelineId, WalFileKind, WalFileName, WalIndex};
 
 /// What to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +53,9 @@ pub struct RetentionPlan {
     /// The segment size the floor counts in.
     #[serde(skip)]
     pub segment_size: u32,
+    /// The summaries of the WAL deleted.
+    #[serde(skip)]
+    pub delete_summaries: Vec<crate::storage::ObjectKey>,
 }
 
 /// A kept backup and why.
@@ -76,6 +79,7 @@ impl RetentionPlan {
     /// [`PolicyError`] when the policy keeps nothing by construction.
     pub fn compute(
         catalog: &Catalog,
+        index: &WalIndex,
         policy: &RetentionPolicy,
         now: SystemTime,
     ) -> Result<Self, PolicyError> {
@@ -94,6 +98,7 @@ impl RetentionPlan {
             .iter()
             .map(|w| w.name.timeline())
             .chain(catalog.backups.iter().map(|b| b.timeline))
+            .chain(index.newest_timeline())
             .max();
         let mut backups: Vec<&super::backup::BackupRecord> = catalog.backups.iter().collect();
         backups.sort_by_key(|b| (Some(b.timeline) == live, b.stop_time));
@@ -108,18 +113,38 @@ impl RetentionPlan {
             let cutoff = now
                 .checked_sub(Duration::from_secs(u64::from(days) * 86_400))
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            // Every backup that ended inside the window, plus the newest one that
-            // ended before it: that one is where a restore to the window's start begins.
-            let mut anchor = None;
+            // Every backup that ended inside the window, plus, for the live
+            // timeline and every timeline a kept backup is on, the newest one
+            // that ended before it and from which recovery reaches that
+            // timeline: where a restore to the window's start begins. Not
+            // the newest by time alone: after a restore, the newest backup
+            // before the window may lie on the abandoned branch.
             for (i, b) in backups.iter().enumerate() {
                 if b.stop_time > cutoff {
                     reasons[i].get_or_insert("retain-days");
-                } else {
-                    anchor = Some(i);
                 }
             }
-            if let Some(i) = anchor {
-                reasons[i].get_or_insert("retain-days (covers the window's start)");
+            let mut timelines: Vec<TimelineId> = backups
+                .iter()
+                .zip(&reasons)
+                .filter(|(_, r)| r.is_some())
+                .map(|(b, _)| b.timeline)
+                .chain(live)
+                .collect();
+            timelines.sort();
+            timelines.dedup();
+            for tl in timelines {
+                let anchor = backups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| {
+                        b.stop_time <= cutoff && index.descends(tl, b.timeline, b.stop_lsn)
+                    })
+                    .max_by_key(|(_, b)| b.stop_time)
+                    .map(|(i, _)| i);
+                if let Some(i) = anchor {
+                    reasons[i].get_or_insert("retain-days (covers the window's start)");
+                }
             }
         }
         if let Some(last) = reasons.last_mut() {
@@ -145,11 +170,15 @@ impl RetentionPlan {
         let segment_size = catalog.segment_size();
         let mut delete_wal = Vec::new();
         let mut delete_wal_bytes = 0;
+        let mut delete_summaries = Vec::new();
         if let Some(floor) = wal_floor {
             for w in &catalog.wal {
                 if is_deletable_wal(&w.name, floor, segment_size) {
                     delete_wal.push(w.name.to_string());
                     delete_wal_bytes += w.meta.size;
+                    if let Some(e) = catalog.summaries.get(&w.name) {
+                        delete_summaries.push(e.key.clone());
+                    }
                 }
             }
         }
@@ -172,6 +201,7 @@ impl RetentionPlan {
             delete_debris,
             wal_floor,
             segment_size,
+            delete_summaries,
         })
     }
 
@@ -201,7 +231,13 @@ mod tests {
     use super::*;
     use crate::catalog::backup::{BackupRecord, Incomplete, WalObject};
     use crate::storage::{ObjectKey, ObjectMeta};
-    use crate::wal::{DEFAULT_SEGMENT_SIZE, TimelineId};
+    use crate::wal::{DEFAULT_SEGMENT_SIZE, TimelineHistory};
+
+    /// The catalog's WAL indexed, without histories (each test that has a
+    /// fork gives its history).
+    fn index_of(c: &Catalog) -> WalIndex {
+        c.wal_index(std::collections::HashMap::new())
+    }
 
     const DAY: u64 = 86_400;
 
@@ -284,7 +320,8 @@ mod tests {
         ] {
             c.wal.push(wal(name));
         }
-        let plan = RetentionPlan::compute(&c, &policy(Some(2), None), at(6)).expect("plan");
+        let plan =
+            RetentionPlan::compute(&c, &index_of(&c), &policy(Some(2), None), at(6)).expect("plan");
         let kept: Vec<usize> = plan
             .keep
             .iter()
@@ -301,7 +338,8 @@ mod tests {
             assert!(!plan.delete_wal.iter().any(|w| w == needed), "{needed}");
         }
         // With one kept, it is C1, not B5 (the higher LSN).
-        let plan = RetentionPlan::compute(&c, &policy(Some(1), None), at(6)).expect("plan");
+        let plan =
+            RetentionPlan::compute(&c, &index_of(&c), &policy(Some(1), None), at(6)).expect("plan");
         assert_eq!(plan.keep.len(), 1);
         assert_eq!(plan.keep[0].id, c.backups[3].id);
     }
@@ -309,7 +347,8 @@ mod tests {
     #[test]
     fn count_keeps_the_newest_and_the_wal_they_need() {
         let c = catalog();
-        let plan = RetentionPlan::compute(&c, &policy(Some(2), None), at(22)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(Some(2), None), at(22))
+            .expect("plan");
         assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1]);
         assert_eq!(plan.keep.len(), 2);
         assert_eq!(plan.wal_floor, Some(SegmentNo(0x30)));
@@ -332,7 +371,8 @@ mod tests {
         let c = catalog();
         // Window of 10 days on day 22: from day 12. Backup of day 14 and 21 are
         // inside; day 7 is the newest before the window, so it stays too.
-        let plan = RetentionPlan::compute(&c, &policy(None, Some(10)), at(22)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(None, Some(10)), at(22))
+            .expect("plan");
         assert_eq!(ids(&plan.delete_backups, &c), vec![0]);
         assert_eq!(
             plan.keep[0].reason,
@@ -346,14 +386,16 @@ mod tests {
         );
         // A window starting exactly at a backup's end: that backup covers the
         // start, and the one before it is no longer needed.
-        let plan = RetentionPlan::compute(&c, &policy(None, Some(7)), at(21)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(None, Some(7)), at(21))
+            .expect("plan");
         assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1]);
     }
 
     #[test]
     fn both_policies_keep_the_union() {
         let c = catalog();
-        let plan = RetentionPlan::compute(&c, &policy(Some(3), Some(1)), at(22)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(Some(3), Some(1)), at(22))
+            .expect("plan");
         assert_eq!(ids(&plan.delete_backups, &c), vec![0]);
     }
 
@@ -361,12 +403,13 @@ mod tests {
     fn the_newest_backup_always_survives() {
         let c = catalog();
         // Every backup is older than the window: the newest still covers it.
-        let plan = RetentionPlan::compute(&c, &policy(None, Some(1)), at(400)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(None, Some(1)), at(400))
+            .expect("plan");
         assert_eq!(ids(&plan.delete_backups, &c), vec![0, 1, 2]);
         assert_eq!(plan.keep.len(), 1);
-        assert!(RetentionPlan::compute(&c, &policy(Some(0), None), at(22)).is_err());
+        assert!(RetentionPlan::compute(&c, &index_of(&c), &policy(Some(0), None), at(22)).is_err());
         assert_eq!(
-            RetentionPlan::compute(&c, &policy(None, None), at(22)),
+            RetentionPlan::compute(&c, &index_of(&c), &policy(None, None), at(22)),
             Err(PolicyError::Missing)
         );
     }
@@ -384,7 +427,8 @@ mod tests {
                 reason: String::new(),
             });
         }
-        let plan = RetentionPlan::compute(&c, &policy(Some(1), None), at(22)).expect("plan");
+        let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(Some(1), None), at(22))
+            .expect("plan");
         assert!(plan.delete_backups.is_empty() && plan.delete_wal.is_empty());
         assert_eq!(plan.delete_debris, vec![old]);
     }
@@ -397,5 +441,95 @@ mod tests {
             SegmentNo(u64::MAX),
             DEFAULT_SEGMENT_SIZE
         ));
+    }
+
+    /// B8 and B9 on timeline 1; a restore to a time between them forks
+    /// timeline 2 at segment 0x25; C1 is timeline 2's first backup. With
+    /// the window's start between B9's end and C1's end, the backup that
+    /// covers it is B8 (timeline 2 descends from it), not B9 (after the
+    /// fork, on the abandoned branch), and timeline 2's first segments stay.
+    #[test]
+    fn the_window_start_is_covered_on_the_live_timeline_after_a_restore() {
+        let mut c = Catalog::default();
+        c.backups.push(backup(0, 0x20)); // B8
+        c.backups.push(backup(2, 0x30)); // B9, after the fork at 0x25
+        let mut c1 = backup(4, 0x28);
+        c1.timeline = TimelineId(2);
+        c1.start_timeline = TimelineId(2);
+        c.backups.insert(1, c1);
+        for name in [
+            "000000010000000000000020",
+            "000000010000000000000024",
+            "000000010000000000000025",
+            "000000010000000000000030",
+            "00000002.history",
+            "000000020000000000000025",
+            "000000020000000000000026",
+            "000000020000000000000028",
+        ] {
+            c.wal.push(wal(name));
+        }
+        let mut histories = std::collections::HashMap::new();
+        let seg = u64::from(DEFAULT_SEGMENT_SIZE);
+        histories.insert(
+            TimelineId(2),
+            TimelineHistory::parse(
+                TimelineId(2),
+                &format!("1\t0/{:X}\tno recovery target\n", 0x25 * seg + 0x100),
+            )
+            .expect("history"),
+        );
+        let index = c.wal_index(histories);
+        // The window (3 days) starts on day 1 at `now` = day 4: after B8's
+        // end (day 0), before B9's (day 2) and C1's (day 4).
+        let plan = RetentionPlan::compute(
+            &c,
+            &index,
+            &policy(None, Some(3)),
+            at(4) + Duration::from_secs(60),
+        )
+        .expect("plan");
+        let kept: Vec<&str> = plan.keep.iter().map(|k| k.reason).collect();
+        let kept_ids: Vec<&BackupId> = plan.keep.iter().map(|k| &k.id).collect();
+        let (b8, c1, b9) = (&c.backups[0].id, &c.backups[1].id, &c.backups[2].id);
+        assert!(
+            kept_ids.contains(&b8),
+            "B8 covers the window's start on timeline 2: {kept:?}"
+        );
+        assert!(kept_ids.contains(&c1));
+        // B9 is kept by the window itself (it ended inside it), never as
+        // the backup that covers the start.
+        assert!(
+            plan.keep
+                .iter()
+                .any(|k| &k.id == b9 && k.reason == "retain-days")
+        );
+        assert_eq!(plan.wal_floor, Some(SegmentNo(0x20)));
+        for needed in [
+            "000000020000000000000025",
+            "000000020000000000000026",
+            "000000010000000000000024",
+        ] {
+            assert!(
+                !plan.delete_wal.iter().any(|w| w == needed),
+                "{needed} is needed"
+            );
+        }
+        // Moved on so that B9 has left the window too: B8 still covers it
+        // for timeline 2, and B9 goes.
+        let plan = RetentionPlan::compute(
+            &c,
+            &index,
+            &policy(None, Some(1)),
+            at(4) + Duration::from_secs(60),
+        )
+        .expect("plan");
+        let kept_ids: Vec<&BackupId> = plan.keep.iter().map(|k| &k.id).collect();
+        assert!(
+            kept_ids.contains(&b8) && kept_ids.contains(&c1),
+            "{:?}",
+            plan.keep
+        );
+        assert!(plan.delete_backups.contains(b9), "{:?}", plan.keep);
     }
 }

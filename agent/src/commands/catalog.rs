@@ -27,6 +27,48 @@ pub async fn open_catalog(args: &RepoArgs, what: &str) -> anyhow::Result<(Reposi
     Ok((repo, catalog))
 }
 
+/// Reads the WAL summaries that end the restorable window (see
+/// [`crate::archive::summary::resolve_archive_end`]).
+///
+/// # Errors
+/// Reading the histories or summaries fails.
+pub async fn resolve_archive_end(repo: &Repository, catalog: &mut Catalog) -> anyhow::Result<()> {
+    let (histories, _) = catalog
+        .histories(&repo.storage)
+        .await
+        .with_context(|| format!("read the timeline histories in {}", repo.url))?;
+    let index = catalog.wal_index(histories);
+    crate::archive::summary::resolve_archive_end(repo, catalog, &index)
+        .await
+        .with_context(|| format!("read the WAL summaries in {}", repo.url))?;
+    Ok(())
+}
+
+/// The archived WAL with every timeline's history, for retention: a history
+/// that cannot be read stops prune, which would otherwise not see which
+/// backups the timeline descends from.
+///
+/// # Errors
+/// Reading fails, or a history file is unreadable.
+pub async fn timeline_index(
+    repo: &Repository,
+    catalog: &Catalog,
+) -> anyhow::Result<crate::wal::WalIndex> {
+    let (histories, broken) = catalog
+        .histories(&repo.storage)
+        .await
+        .with_context(|| format!("read the timeline histories in {}", repo.url))?;
+    if let Some((name, why)) = broken.first() {
+        anyhow::bail!(
+            "cannot read timeline history {name} in {} ({why}); prune needs every history to \
+             know which backups each timeline descends from, so nothing was deleted: run \
+             `pitr-agent verify`",
+            repo.url
+        );
+    }
+    Ok(catalog.wal_index(histories))
+}
+
 /// `list`.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
@@ -44,7 +86,8 @@ impl ListArgs {
     /// # Errors
     /// No repository at the URL; the listing fails.
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
-        let (_, catalog) = open_catalog(repo, "list").await?;
+        let (repo, mut catalog) = open_catalog(repo, "list").await?;
+        resolve_archive_end(&repo, &mut catalog).await?;
         let listing = report::listing(&catalog, self.clock.now());
         if self.json {
             println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -67,6 +110,10 @@ pub struct VerifyArgs {
     /// Exit 1 on warnings too (incomplete backups, old uploads), not only on errors.
     #[arg(long, env = "PITR_VERIFY_STRICT")]
     pub strict: bool,
+    /// Store the WAL summaries that are missing (segments archived before
+    /// summaries existed, or by another tool): the one write verify makes.
+    #[arg(long)]
+    pub summarize: bool,
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -84,13 +131,14 @@ impl VerifyArgs {
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
         let (repo, catalog) = open_catalog(repo, "verify").await?;
         let opts = VerifyOptions {
+            summarize: self.summarize,
             backup: self.backup,
             max_age: self.max_age,
             now: self.clock.now(),
         };
         #[cfg(feature = "daemon")]
         let events = crate::daemon::events::EventRecorder::from_env().await;
-        let result = verify::verify(&repo.storage, &catalog, &opts).await;
+        let result = verify::verify(&repo, &catalog, &opts).await;
         #[cfg(feature = "daemon")]
         if let Some(events) = &events {
             events.verify_outcome(&result).await;
@@ -162,7 +210,8 @@ impl PruneArgs {
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
         let (repo, catalog) = open_catalog(repo, "prune").await?;
         let policy = self.retention.resolve();
-        let plan = RetentionPlan::compute(&catalog, &policy, self.clock.now())?;
+        let index = timeline_index(&repo, &catalog).await?;
+        let plan = RetentionPlan::compute(&catalog, &index, &policy, self.clock.now())?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {

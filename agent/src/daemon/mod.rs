@@ -191,7 +191,13 @@ async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
 async fn refresh(shared: &Shared) {
     let now = SystemTime::now();
     match Catalog::load_cached(&shared.repo.storage, &shared.records).await {
-        Ok(catalog) => {
+        Ok(mut catalog) => {
+            // The window ends at the newest commit, read from the WAL summaries.
+            if let Err(e) =
+                crate::commands::catalog::resolve_archive_end(&shared.repo, &mut catalog).await
+            {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the WAL summaries; the restorable window's end is an estimate");
+            }
             shared.metrics.update_from_catalog(&catalog);
             shared
                 .metrics
@@ -387,11 +393,14 @@ async fn run_job(shared: &Shared, job: &'static str) {
             let result = async {
                 let catalog = Catalog::load_cached(&shared.repo.storage, &shared.records).await?;
                 let opts = VerifyOptions {
+                    // The sidecar writes the repository anyway: it fills in
+                    // summaries that older builds did not store.
+                    summarize: true,
                     backup: None,
                     max_age: shared.cfg.verify_max_age,
                     now: SystemTime::now(),
                 };
-                verify(&shared.repo.storage, &catalog, &opts).await
+                verify(&shared.repo, &catalog, &opts).await
             }
             .await;
             match &result {
@@ -422,8 +431,14 @@ async fn run_job(shared: &Shared, job: &'static str) {
         _ => {
             let result = async {
                 let catalog = Catalog::load_cached(&shared.repo.storage, &shared.records).await?;
-                let plan =
-                    RetentionPlan::compute(&catalog, &shared.cfg.retention, SystemTime::now())?;
+                let index =
+                    crate::commands::catalog::timeline_index(&shared.repo, &catalog).await?;
+                let plan = RetentionPlan::compute(
+                    &catalog,
+                    &index,
+                    &shared.cfg.retention,
+                    SystemTime::now(),
+                )?;
                 let outcome = crate::prune::apply(
                     &shared.repo.storage,
                     &plan,

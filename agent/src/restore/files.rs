@@ -10,6 +10,7 @@ use super::plan::RestorePlan;
 use crate::catalog::backup::DATA_FILE;
 use crate::cli::RepoArgs;
 use crate::repository::Repository;
+use crate::wal::Lsn;
 
 /// Streams the plan's backup into `dir` (created if `existed` is false,
 /// mode 0700). `progress` sees stored and raw bytes so far. With `sync`,
@@ -78,6 +79,60 @@ pub fn clean(dir: &Path, existed: bool) {
     } else {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Whether replay reached where the plan said it must end
+/// ([`RestorePlan::expected_end`]): "promoted" is not "reached", since
+/// PostgreSQL promotes at the first record it cannot read.
+///
+/// # Errors
+/// A sentence naming where replay stopped, where it should have ended, and
+/// what was lost.
+pub fn check_replay_end(
+    plan: &RestorePlan,
+    reached: &super::recovery::Reached,
+) -> Result<(), String> {
+    let Some(expected) = plan.expected_end else {
+        return Ok(());
+    };
+    if !reached.running && reached.replay_lsn.is_none() {
+        // Shut down at the target, as asked: PostgreSQL checked it.
+        return Ok(());
+    }
+    let replayed: Option<Lsn> = reached.replay_lsn.as_deref().and_then(|l| l.parse().ok());
+    match replayed {
+        Some(r) if r >= expected => Ok(()),
+        r => {
+            let seg = plan.backup.wal_segment_size;
+            let at = r.map_or("an unknown position".to_owned(), |r| {
+                let segment = plan
+                    .wal_path
+                    .iter()
+                    .find(|n| n.segment_no(seg) == Some(r.segment(seg)))
+                    .map(|n| format!(" in {n}"))
+                    .unwrap_or_default();
+                format!("{r}{segment}")
+            });
+            Err(format!(
+                "replay stopped at {at}, short of {expected} where the repository's WAL for this \
+                 restore ends: the last transaction replayed is from {}, while the last commit \
+                 archived is from {}",
+                reached.last_transaction_time.as_deref().unwrap_or("(none)"),
+                plan.last_commit.as_deref().unwrap_or("(unknown)")
+            ))
+        }
+    }
+}
+
+/// Stops the server on `dir` (fast shutdown), waiting for it; errors are
+/// ignored (the caller is already reporting one).
+pub async fn stop_server(pg_ctl: &Path, dir: &Path) {
+    let _ = tokio::process::Command::new(pg_ctl)
+        .arg("-D")
+        .arg(dir)
+        .args(["-w", "-t", "60", "-m", "fast", "stop"])
+        .output()
+        .await;
 }
 
 /// The `pitr-agent` binary for `restore_command`: `given`, else beside the

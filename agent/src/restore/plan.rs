@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
-use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow};
+use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow, micros_to_time};
+use crate::wal::summary::{PathFacts, path_facts};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName, WalIndex};
 
 /// What the operator asked for.
@@ -49,6 +50,27 @@ pub struct RestorePlan {
     pub window: Option<RestorableWindow>,
     /// Things the operator should know.
     pub notes: Vec<String>,
+    /// The target PostgreSQL is given: the one asked for, or the LSN the
+    /// WAL summaries put it at (see [`RestorePlan::apply_wal_facts`]).
+    pub recovery_target: String,
+    /// Where replay must end for the restore to have reached its target:
+    /// checked after recovery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_replay_end: Option<String>,
+    /// The newest commit replay reaches, from the WAL summaries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_commit: Option<String>,
+    /// How many of the segments replayed have a summary.
+    pub wal_summarized: u64,
+    /// The target as PostgreSQL is given it.
+    #[serde(skip)]
+    pub recover_to: RecoveryTarget,
+    /// The segments replay reads, oldest first.
+    #[serde(skip)]
+    pub wal_path: Vec<WalFileName>,
+    /// [`RestorePlan::expected_replay_end`] as an LSN.
+    #[serde(skip)]
+    pub expected_end: Option<Lsn>,
 }
 
 /// Why there is no plan. Each says what to do.
@@ -104,6 +126,38 @@ pub enum PlanError {
         range: String,
         /// The backup.
         backup: BackupId,
+    },
+    /// Unreadable WAL before the target.
+    #[error(
+        "WAL damaged at {lsn} in {segment}: {reason}. Replay stops there: the last commit it \
+         reaches is {before}, and the repository holds commits up to {archived}. Choose a target \
+         before {before}, or pass --allow-incomplete to restore up to the damage (later commits \
+         are lost); `pitr-agent verify` lists every damaged segment"
+    )]
+    Damaged {
+        /// The segment.
+        segment: String,
+        /// Where.
+        lsn: String,
+        /// What is wrong.
+        reason: String,
+        /// The last commit before it.
+        before: String,
+        /// The newest commit archived.
+        archived: String,
+    },
+    /// `--target-name` names no restore point in the WAL replayed.
+    #[error(
+        "no restore point named {name:?} in the WAL after backup {backup}; {known}. \
+         `pgrestore list` shows every restore point"
+    )]
+    UnknownRestorePoint {
+        /// The name asked for.
+        name: String,
+        /// The backup.
+        backup: BackupId,
+        /// The names there are.
+        known: String,
     },
     /// A hole in the WAL the restore needs.
     #[error(
@@ -269,10 +323,20 @@ impl RestorePlan {
                 if reach.is_some_and(|end| TargetTime::from_system_time(end) < *t)
                     && !req.allow_incomplete
                 {
+                    let commit = window
+                        .as_ref()
+                        .and_then(|w| w.last_commit)
+                        .map(|c| {
+                            format!(
+                                "; the newest commit in it is at {}",
+                                TargetTime::from_system_time(c)
+                            )
+                        })
+                        .unwrap_or_default();
                     return Err(PlanError::BeyondArchive {
                         target: req.target.to_string(),
                         newest: format!(
-                            "{newest_text}, archived at {}",
+                            "{newest_text}, archived at {}{commit}",
                             TargetTime::from_system_time(reach.unwrap_or(SystemTime::UNIX_EPOCH))
                         ),
                     });
@@ -282,6 +346,7 @@ impl RestorePlan {
             RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => Some(newest),
         };
         let (mut wal_first, mut wal_last, mut wal_segments, mut wal_bytes) = (None, None, 0, 0);
+        let mut wal_path = Vec::new();
         if let Some(mut end) = end.filter(|e| *e >= last_in_tar) {
             // Only the WAL up to the target is needed: for a time, up to the
             // first segment archived after it (it was closed after the
@@ -344,6 +409,15 @@ impl RestorePlan {
                 ..=end.0)
                 .map(|s| (WalIndex::timeline_for(&path, SegmentNo(s)), SegmentNo(s)))
                 .collect();
+            wal_path = (last_in_tar.0..=end.0)
+                .map(|s| {
+                    WalFileName::segment(
+                        WalIndex::timeline_for(&path, SegmentNo(s)),
+                        SegmentNo(s),
+                        seg,
+                    )
+                })
+                .collect();
             for w in &catalog.wal {
                 if let Some(s) = w.name.segment_no(seg)
                     && wanted.contains(&(w.name.timeline(), s))
@@ -372,8 +446,182 @@ impl RestorePlan {
             wal_bytes,
             window,
             notes,
+            recovery_target: req.target.to_string(),
+            expected_replay_end: None,
+            last_commit: None,
+            wal_summarized: 0,
+            recover_to: req.target.clone(),
+            wal_path,
+            expected_end: None,
         })
     }
+
+    /// Checks the plan against what the WAL summaries of its segments say
+    /// ([`path_facts`] of [`RestorePlan::wal_path`]) and settles the target
+    /// PostgreSQL is given:
+    /// - damage before the target is refused (or, with
+    ///   `--allow-incomplete`, replay ends just before it);
+    /// - a time after the newest commit becomes that commit's LSN: the state
+    ///   at such a time is everything committed, and PostgreSQL cannot reach
+    ///   a time no record carries;
+    /// - `latest` becomes the start of the last readable record, so that
+    ///   PostgreSQL refuses to promote short of it;
+    /// - a restore point that is not there is refused.
+    ///
+    /// # Errors
+    /// [`PlanError::Damaged`] and [`PlanError::UnknownRestorePoint`].
+    pub fn apply_wal_facts(
+        &mut self,
+        req: &PlanRequest,
+        facts: &PathFacts,
+    ) -> Result<(), PlanError> {
+        let time = |us: i64| TargetTime::from_system_time(micros_to_time(us)).to_string();
+        self.wal_summarized = facts.summarized;
+        self.last_commit = facts.last_commit.as_ref().map(|c| time(c.time_us));
+        let unsummarized = facts.segments - facts.summarized;
+        if unsummarized > 0 {
+            self.notes.push(format!(
+                "{unsummarized} of the {} segments replayed have no WAL summary (archived before \
+                 summaries existed, or not readable): damage in them is found only by replay. \
+                 `pitr-agent verify --summarize` makes them",
+                facts.segments
+            ));
+        }
+        let before = facts
+            .last_commit
+            .as_ref()
+            .map_or("(none since the backup)".to_owned(), |c| time(c.time_us));
+        if let Some((segment, d)) = &facts.stop {
+            let beyond = match &req.target {
+                RecoveryTarget::Time(t) => facts
+                    .last_commit
+                    .as_ref()
+                    .is_none_or(|c| c.time_us < t.micros),
+                RecoveryTarget::Lsn(l) => *l > d.lsn,
+                RecoveryTarget::Immediate => false,
+                RecoveryTarget::Latest | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => true,
+            };
+            if beyond && !req.allow_incomplete {
+                return Err(PlanError::Damaged {
+                    segment: segment.to_string(),
+                    lsn: d.lsn.to_string(),
+                    reason: d.reason.clone(),
+                    before,
+                    archived: facts
+                        .archived_last_commit
+                        .as_ref()
+                        .map_or("(none)".to_owned(), |c| time(c.time_us)),
+                });
+            }
+            if beyond {
+                self.notes.push(format!(
+                    "--allow-incomplete: WAL is damaged at {} in {segment}; replay ends before it, \
+                     at the last commit {before}",
+                    d.lsn
+                ));
+                if let Some(l) = facts.last_complete {
+                    self.recover_to = RecoveryTarget::Lsn(l);
+                    self.expected_end = facts.end;
+                }
+            }
+        } else if facts.last_summarized {
+            match &req.target {
+                RecoveryTarget::Time(t) => match &facts.last_commit {
+                    Some(c) if c.time_us < t.micros => {
+                        self.notes.push(format!(
+                            "nothing was committed between {} and the target; recovering to that \
+                             last commit (transaction {}, LSN {})",
+                            time(c.time_us),
+                            c.xid,
+                            c.lsn
+                        ));
+                        // Its transaction id: PostgreSQL stops right after it
+                        // and reports it as the last replayed transaction. An
+                        // id reused after wraparound stops earlier, which the
+                        // replay check below catches.
+                        self.recover_to = if c.xid != 0 {
+                            RecoveryTarget::Xid(u64::from(c.xid))
+                        } else {
+                            RecoveryTarget::Lsn(c.lsn)
+                        };
+                        self.expected_end = Some(c.end);
+                    }
+                    None => {
+                        self.notes.push(
+                            "nothing was committed between the backup's end and the target; \
+                             recovering to the backup's end"
+                                .to_owned(),
+                        );
+                        self.recover_to = RecoveryTarget::Immediate;
+                    }
+                    Some(_) => {}
+                },
+                RecoveryTarget::Latest => {
+                    if let Some(l) = facts.last_complete {
+                        self.recover_to = RecoveryTarget::Lsn(l);
+                        self.expected_end = facts.end;
+                    }
+                }
+                RecoveryTarget::Name(n)
+                    if unsummarized == 0 && !facts.restore_points.iter().any(|r| &r.name == n) =>
+                {
+                    let mut names: Vec<String> = facts
+                        .restore_points
+                        .iter()
+                        .map(|r| format!("{:?}", r.name))
+                        .collect();
+                    names.dedup();
+                    return Err(PlanError::UnknownRestorePoint {
+                        name: n.clone(),
+                        backup: self.backup.id.clone(),
+                        known: if names.is_empty() {
+                            "there are none".to_owned()
+                        } else {
+                            format!("there are {}", names.join(", "))
+                        },
+                    });
+                }
+                _ => {}
+            }
+        } else if req.target == RecoveryTarget::Latest {
+            self.notes.push(
+                "the newest segment has no WAL summary: whether replay reaches the archive's end \
+                 cannot be checked"
+                    .to_owned(),
+            );
+        }
+        self.recovery_target = self.recover_to.to_string();
+        self.expected_replay_end = self.expected_end.map(|l| l.to_string());
+        Ok(())
+    }
+}
+
+/// Plans a restore as [`RestorePlan::compute`] does, then reads the WAL
+/// summaries of the segments it replays (making the newest two from the
+/// WAL where none is stored) and applies them
+/// ([`RestorePlan::apply_wal_facts`]).
+///
+/// # Errors
+/// [`PlanError`], or reading the summaries fails (as text).
+pub async fn plan_restore(
+    repo: &crate::repository::Repository,
+    catalog: &Catalog,
+    index: &WalIndex,
+    req: &PlanRequest,
+) -> anyhow::Result<RestorePlan> {
+    let mut plan = RestorePlan::compute(catalog, index, req)?;
+    let newest: Vec<WalFileName> = plan.wal_path.iter().rev().take(2).cloned().collect();
+    let found =
+        crate::archive::summary::read_summaries(repo, &catalog.summaries, &plan.wal_path, &newest)
+            .await
+            .map_err(|e| anyhow::anyhow!("read the WAL summaries in {}: {e}", repo.url))?;
+    let path: Vec<(WalFileName, Option<&crate::wal::summary::SegmentSummary>)> = plan
+        .wal_path
+        .iter()
+        .map(|n| (n.clone(), found.get(n)))
+        .collect();
+    plan.apply_wal_facts(req, &path_facts(&path))?;
+    Ok(plan)
 }
 
 /// Missing segments grouped into runs of consecutive numbers on one

@@ -224,10 +224,14 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
     loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         if log.contains("recovery ended before configured recovery target was reached") {
+            let at = redo_done(&log)
+                .map(|l| format!(" at {l}, the last record it could read,"))
+                .unwrap_or_default();
             return Err(StartError::Failed(format!(
-                "PostgreSQL ended recovery before the target: the WAL that reaches it is not in \
-                 the repository. The server stopped; {} holds no usable result: empty it and \
-                 restore to an earlier target, or check archiving. Server log:\n{}",
+                "PostgreSQL ended recovery{at} before reaching the target: the WAL after that \
+                 point is missing from the repository or unreadable (`pitr-agent verify` names \
+                 which). The server stopped; {} holds no usable result: empty it and restore to \
+                 an earlier target. Server log:\n{}",
                 dir.display(),
                 tail(&log, 8)
             )));
@@ -310,6 +314,14 @@ async fn probe(cfg: &StartConfig) -> Option<Reached> {
         promoted: !in_recovery,
         running: true,
         log: String::new(),
+    })
+}
+
+/// Where replay ended, from PostgreSQL's `redo done at X/Y` log line.
+fn redo_done(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| {
+        let rest = l.split_once("redo done at ")?.1;
+        Some(rest.split_whitespace().next()?.to_owned())
     })
 }
 

@@ -373,9 +373,16 @@ async fn store_segment(
     level: u32,
 ) -> Result<Lsn, ArchiveError> {
     let size = raw.len() as u64;
+    let summary = {
+        let (raw, name) = (raw.clone(), name.clone());
+        tokio::task::spawn_blocking(move || crate::archive::summary::summarize_quietly(&name, &raw))
+            .await
+            .unwrap_or(None)
+    };
     let (digest, gz) = gzip(raw, &name, level).await;
     let outcome =
         store_compressed(&repo.storage, &catalog::wal_key(&name), &name, digest, gz).await?;
+    crate::archive::summary::store_summary_best_effort(&repo.storage, summary).await;
     tracing::debug!(file = %name, ?outcome, "streamed segment stored");
     repo.storage
         .delete_prefix(&partial::partial_prefix(&name))

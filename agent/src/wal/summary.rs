@@ -111,6 +111,10 @@ pub struct SegmentSummary {
     pub first_prev: Option<Lsn>,
     /// Where the last record that starts in it starts (a split one included).
     pub last_record: Option<Lsn>,
+    /// Where the last record that starts and ends in it starts: a
+    /// `recovery_target_lsn` that replay reaches with this segment alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_complete: Option<Lsn>,
     /// Where the readable WAL in it ends.
     pub end: Lsn,
     /// Commits in it.
@@ -204,6 +208,7 @@ pub fn summarize(
         first_record: None,
         first_prev: None,
         last_record: None,
+        last_complete: None,
         end: start,
         commits: 0,
         aborts: 0,
@@ -233,6 +238,7 @@ pub fn summarize(
         .as_ref()
         .map(|t| t.lsn)
         .or(read.last.as_ref().map(|r| r.lsn));
+    s.last_complete = read.last.as_ref().map(|r| r.lsn);
     s.end = read.end;
     s.switched = read.switched;
     s.damage = read.damage.map(|d| DamageNote {
@@ -381,4 +387,104 @@ impl SegmentSummary {
     pub fn last_commit_time(&self) -> Option<i64> {
         self.last_commit.as_ref().map(|c| c.time_us)
     }
+}
+
+/// What the summaries of a recovery path, in order, say about replaying it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathFacts {
+    /// Segments on the path.
+    pub segments: u64,
+    /// Of those, how many had a summary.
+    pub summarized: u64,
+    /// Whether the path's last segment had one (so `end` is its end).
+    pub last_summarized: bool,
+    /// The newest commit replay reaches (before `stop`).
+    pub last_commit: Option<XactPoint>,
+    /// The newest commit anywhere on the path, past `stop` too.
+    pub archived_last_commit: Option<XactPoint>,
+    /// The start of the last record replay can read: a
+    /// `recovery_target_lsn` that ends replay at the end of the path.
+    pub last_complete: Option<Lsn>,
+    /// Where readable WAL ends on the path.
+    pub end: Option<Lsn>,
+    /// Where replay must stop: a damaged segment or two that do not chain.
+    pub stop: Option<(WalFileName, DamageNote)>,
+    /// Restore points replay reaches.
+    pub restore_points: Vec<RestorePoint>,
+}
+
+/// Folds the summaries of a path's segments, oldest first (`None` where a
+/// segment has no summary), into [`PathFacts`].
+#[must_use]
+pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts {
+    let mut f = PathFacts {
+        segments: path.len() as u64,
+        ..PathFacts::default()
+    };
+    let mut prev: Option<&SegmentSummary> = None;
+    let later = |f: &mut PathFacts, c: &XactPoint| {
+        if f.archived_last_commit
+            .as_ref()
+            .is_none_or(|a| a.lsn < c.lsn)
+        {
+            f.archived_last_commit = Some(c.clone());
+        }
+    };
+    for (i, (name, s)) in path.iter().enumerate() {
+        let Some(s) = *s else {
+            prev = None;
+            continue;
+        };
+        f.summarized += 1;
+        f.last_summarized = i + 1 == path.len();
+        if let Some(c) = &s.last_commit {
+            later(&mut f, c);
+        }
+        if f.stop.is_some() {
+            continue;
+        }
+        if let Some(p) = prev {
+            match link(p, s) {
+                Link::Broken(d) => {
+                    f.stop = Some((name.clone(), d));
+                    continue;
+                }
+                Link::Chained(Some(r)) => {
+                    if let RecordKind::Commit { time } = r.kind {
+                        let c = XactPoint {
+                            time_us: time,
+                            lsn: r.lsn,
+                            end: r.end(),
+                            xid: r.xid,
+                        };
+                        later(&mut f, &c);
+                        f.last_commit = Some(c);
+                    }
+                    if let RecordKind::RestorePoint { name, time } = &r.kind {
+                        f.restore_points.push(RestorePoint {
+                            name: name.clone(),
+                            time_us: *time,
+                            lsn: r.lsn,
+                        });
+                    }
+                    f.last_complete = Some(r.lsn);
+                    f.end = Some(r.end());
+                }
+                Link::Chained(None) => {}
+            }
+        }
+        if let Some(c) = &s.last_commit {
+            f.last_commit = Some(c.clone());
+        }
+        f.restore_points.extend(s.restore_points.iter().cloned());
+        if s.last_complete.is_some() {
+            f.last_complete = s.last_complete;
+        }
+        f.end = Some(s.end);
+        if let Some(d) = &s.damage {
+            f.stop = Some((name.clone(), d.clone()));
+        }
+        prev = Some(s);
+    }
+    f
 }

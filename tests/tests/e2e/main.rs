@@ -10,6 +10,7 @@ mod fetch;
 mod rehearse;
 mod restore;
 mod stream;
+mod trust;
 mod walread;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,304 @@
+//! What a restore reports can be trusted: the window ends at the newest
+//! commit, a time after it restores everything archived, and damaged WAL
+//! in the middle of the archive is found by `verify`, refused by the plan,
+//! and never reported as a reached target, by `pgrestore` or `rehearse`.
+
+use std::io::Write as _;
+use std::process::Output;
+
+use pitr_agent::wal::records::{self, Completeness};
+use pitr_agent::wal::{Lsn, WalFileName};
+use pitr_tests::pg::PgBin;
+use pitr_tests::s3::S3Kind;
+use serde_json::Value;
+
+use super::restore::{Restored, ok};
+use super::{Setup, pg_bin};
+
+fn setup(bin: &PgBin, kind: Option<S3Kind>) -> Option<Setup> {
+    let conf = ["track_commit_timestamp = on"];
+    match kind {
+        None => Some(Setup::file_with(bin, &conf)),
+        Some(kind) => Setup::s3_with(bin, kind, "trust", &conf),
+    }
+}
+
+fn ids(r: &Restored) -> String {
+    r.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The newest commit as PostgreSQL records it, in microseconds.
+fn newest_commit_us(s: &Setup) -> i64 {
+    s.pg.sql("SELECT (extract(epoch FROM (pg_last_committed_xact()).timestamp) * 1000000)::bigint")
+        .parse()
+        .expect("micros")
+}
+
+fn rfc3339_us(text: &str) -> i64 {
+    let t = humantime::parse_rfc3339_weak(text).expect("RFC 3339");
+    i64::try_from(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_micros(),
+    )
+    .expect("fits")
+}
+
+fn pg_time(us: i64) -> String {
+    pitr_agent::restore::target::TargetTime {
+        micros: us,
+        assumed_utc: false,
+    }
+    .to_string()
+}
+
+fn window_end_is_the_newest_commit(kind: Option<S3Kind>) {
+    let Some(bin) = pg_bin() else { return };
+    let Some(s) = setup(&bin, kind) else { return };
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 5)");
+    s.backup();
+    s.pg.exec("INSERT INTO t SELECT generate_series(6, 10)");
+    let _ = s.archive_now();
+    let newest = newest_commit_us(&s);
+    let list = s.list();
+    let w = &list["restorable-window"];
+    assert_eq!(w["end-is-last-commit"], true, "{w:#}");
+    let last = rfc3339_us(w["last-commit"].as_str().expect("last-commit"));
+    assert_eq!(last, newest, "the window ends at the newest commit: {w:#}");
+    assert_eq!(
+        rfc3339_us(w["end"].as_str().expect("end")) / 1000,
+        newest / 1000
+    );
+    let archived_to = rfc3339_us(w["archived-to"].as_str().expect("archived-to"));
+    // Millisecond precision in the listing.
+    assert!(archived_to / 1000 >= last / 1000, "{w:#}");
+    let archived_to = archived_to.max(last);
+
+    // A time after the newest commit, before the archive's end: everything
+    // committed comes back (PostgreSQL alone ends such a recovery with FATAL).
+    let target = pg_time(last + (archived_to - last) / 2 + 1);
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(
+        &s,
+        &[
+            "--target-time",
+            &target,
+            "--start",
+            "--target-action",
+            "pause",
+        ],
+    );
+    ok(
+        &out,
+        &format!("restore to {target}, after the newest commit"),
+    );
+    assert!(
+        stderr(&out).contains("nothing was committed between"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        ids(&r),
+        (1..=10)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+
+    // A time after the archive's end is refused before anything is
+    // downloaded, quoting the newest commit.
+    let late = pg_time(archived_to + 3_600_000_000);
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target-time", &late, "--start"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("the newest commit in it is at"), "{err}");
+    assert!(
+        !r.data.exists(),
+        "a refused restore created {}",
+        r.data.display()
+    );
+}
+
+#[test]
+fn the_window_ends_at_the_newest_commit_on_a_file_repository() {
+    window_end_is_the_newest_commit(None);
+}
+
+#[test]
+fn the_window_ends_at_the_newest_commit_on_s3() {
+    window_end_is_the_newest_commit(Some(S3Kind::Moto));
+}
+
+/// Rewrites repository object `key` (file://) as plain gzip of `raw`, as a
+/// repository filled by `gzip` in archive_command holds it.
+fn replace_with_plain_gzip(s: &Setup, key: &str, raw: &[u8]) {
+    let dir = s.dir.as_ref().expect("a file:// repository");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    gz.write_all(raw).expect("gzip");
+    let bytes = gz.finish().expect("gzip");
+    let path = dir.join(key);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, &path).expect("rename");
+}
+
+#[test]
+fn damaged_wal_in_the_middle_is_found_refused_and_never_reported_reached() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file_with(&bin, &["track_commit_timestamp = on"]);
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY)");
+    for i in 1..=3 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({i})"));
+    }
+    s.backup();
+    let mut marks = Vec::new();
+    for i in 4..=12 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({i})"));
+        let lsn: Lsn =
+            s.pg.sql("SELECT pg_current_wal_insert_lsn()")
+                .parse()
+                .expect("lsn");
+        let t =
+            s.pg.sql("SELECT (pg_last_committed_xact()).timestamp::text");
+        marks.push((i, lsn, t));
+        if i % 3 == 0 {
+            let _ = s.pg.switch_wal();
+        }
+    }
+    let _ = s.archive_now();
+    let seg = 16u32 << 20;
+    // The segment that holds marker 7's commit: damage a record after it.
+    let (_, lsn7, _) = marks
+        .iter()
+        .find(|(i, _, _)| *i == 7)
+        .expect("marker 7")
+        .clone();
+    let name = WalFileName::segment(pitr_agent::wal::TimelineId(1), lsn7.segment(seg), seg);
+    let mut raw = std::fs::read(s.pg.wal_dir().join(name.as_str())).expect("segment in pg_wal");
+    let mut after = Vec::new();
+    records::read_segment(
+        &raw,
+        lsn7.segment(seg).start(seg),
+        Completeness::Full,
+        |r| {
+            if r.lsn >= lsn7 {
+                after.push(r.lsn.0 % u64::from(seg));
+            }
+        },
+    )
+    .expect("reads");
+    let at = after
+        .iter()
+        .map(|l| (*l + 25) as usize)
+        .find(|at| at % 8192 > 64 && at % 8192 < 8100)
+        .expect("a record after marker 7");
+    raw[at] ^= 0x41;
+    let key = format!("wal/{name}.gz");
+    replace_with_plain_gzip(&s, &key, &raw);
+    // As a plain-gzip repository: no summary of it either.
+    let dir = s.dir.clone().expect("file repository");
+    for e in std::fs::read_dir(dir.join("wal-summary"))
+        .expect("summaries")
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(name.as_str()) {
+            std::fs::remove_file(e.path()).expect("remove summary");
+        }
+    }
+
+    // verify reads every WAL object back and names the damage.
+    let out = s.run(&["verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{name}: unreadable WAL at")),
+        "{text}"
+    );
+
+    // pgrestore --target latest: PostgreSQL cannot reach the archive's end,
+    // and pgrestore says so instead of "reached the target".
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target", "latest", "--start"]);
+    assert!(
+        !out.status.success(),
+        "a short replay was reported a success"
+    );
+    let err = stderr(&out);
+    assert!(!err.contains("reached the target"), "{err}");
+    assert!(err.contains("before reaching the target"), "{err}");
+    let histories: Vec<String> = std::fs::read_dir(dir.join("wal"))
+        .expect("wal")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".history"))
+        .collect();
+    assert!(
+        histories.is_empty(),
+        "the failed restore promoted into the repository: {histories:?}"
+    );
+
+    // The rehearsal fails too, with reason replay.
+    let scratch = pitr_tests::user_tempdir(pitr_tests::RunAs::test_user(), "rehearse");
+    let out = s
+        .agent(&["rehearse", "--json", "--rehearse-dir"])
+        .arg(scratch.path())
+        .output()
+        .expect("run rehearse");
+    let record: Value = serde_json::from_slice(&out.stdout).expect("a rehearsal record");
+    assert_eq!(out.status.code(), Some(1), "{record:#}");
+    assert_eq!(record["reason"], "replay", "{record:#}");
+
+    // With the summary stored, the plan refuses before anything is
+    // downloaded, and list names the damaged segment.
+    let out = s.run(&["verify", "--summarize"]);
+    assert_eq!(out.status.code(), Some(1));
+    let list = String::from_utf8_lossy(&s.run(&["list"]).stdout).into_owned();
+    assert!(list.contains(&format!("DAMAGED WAL: {name}")), "{list}");
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target", "latest", "--start"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("WAL damaged at") && err.contains(name.as_str()),
+        "{err}"
+    );
+    assert!(
+        !r.data.exists(),
+        "the refused restore created {}",
+        r.data.display()
+    );
+
+    // A target before the damage still restores exactly; --allow-incomplete
+    // restores up to it and says so.
+    let (_, _, t6) = marks
+        .iter()
+        .find(|(i, _, _)| *i == 6)
+        .expect("marker 6")
+        .clone();
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(
+        &s,
+        &["--target-time", &t6, "--start", "--target-action", "pause"],
+    );
+    ok(&out, "restore before the damage");
+    assert_eq!(ids(&r), "1,2,3,4,5,6");
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target", "latest", "--allow-incomplete", "--start"]);
+    ok(&out, "restore up to the damage");
+    assert!(
+        stderr(&out).contains("replay ends before it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(ids(&r), "1,2,3,4,5,6,7");
+}
