@@ -357,6 +357,7 @@ async fn run(
         timeline: plan.target_timeline.clone(),
         action: TargetAction::Promote,
         exclusive: false,
+        new_primary: false,
     };
     recovery
         .write(

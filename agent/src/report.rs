@@ -101,6 +101,9 @@ pub struct Listing<'a> {
     /// Archived segments with unreadable records: a restore stops there.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub damaged_wal: Vec<String>,
+    /// Timelines that both grew after their fork.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diverged: Vec<crate::catalog::backup::Divergence>,
 }
 
 /// A restore point as `list` shows it.
@@ -168,6 +171,12 @@ pub fn listing(catalog: &Catalog, now: SystemTime) -> Listing<'_> {
             .iter()
             .flat_map(|e| &e.damaged)
             .map(ToString::to_string)
+            .collect(),
+        diverged: catalog
+            .archive_end
+            .iter()
+            .flat_map(|e| &e.diverged)
+            .cloned()
             .collect(),
     }
 }
@@ -242,6 +251,13 @@ pub fn listing_table(l: &Listing<'_>) -> String {
             rp.name,
             time(rp.time),
             rp.lsn
+        );
+    }
+    for d in &l.diverged {
+        let _ = writeln!(
+            out,
+            "DIVERGED: {d}; a restore must name one with --target-timeline. Only the cluster \
+             that replaces production is restored with --new-primary"
         );
     }
     for d in &l.damaged_wal {

@@ -189,6 +189,18 @@ pub async fn verify(
     }
 
     let index = catalog.wal_index(load_histories(storage, catalog, &mut report).await?);
+    for d in catalog.divergences(&index) {
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            subject: "wal".into(),
+            message: format!(
+                "{d}: two clusters archive into this repository (a copy promoted beside \
+                 production?); stop the one that is not production from archiving here, and \
+                 restore with --target-timeline {} or {}",
+                d.parent, d.child
+            ),
+        });
+    }
     let (gaps, checked) = wal_gaps(&selected, &index);
     report.wal_segments_checked = checked;
     for gap in gaps {

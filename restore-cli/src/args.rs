@@ -46,6 +46,12 @@ pub(crate) struct RestoreArgs {
     /// Stop just before the target instead of just after it.
     #[arg(long)]
     pub(crate) exclusive: bool,
+    /// The restored cluster replaces the source and goes on archiving into
+    /// this repository on a new timeline (the in-place restore). Without it
+    /// the restore is a copy beside a running source: archive_mode=off and
+    /// no synchronous standby, so it never writes into the repository.
+    #[arg(long, env = "PITR_NEW_PRIMARY")]
+    pub(crate) new_primary: bool,
     /// Restore this backup instead of the one pgrestore picks.
     #[arg(long)]
     pub(crate) backup: Option<BackupId>,

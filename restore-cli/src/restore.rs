@@ -99,6 +99,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         timeline: plan.target_timeline.clone(),
         action,
         exclusive: args.exclusive,
+        new_primary: args.new_primary,
     };
     let header = format!(
         "added by pgrestore at {}: backup {}, recovery to {target}",
@@ -112,6 +113,12 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             bail!("write the recovery settings into {}: {e}", dir.display());
         }
     };
+    if !args.new_primary {
+        say(
+            "pgrestore: a copy beside its source: archive_mode=off and no synchronous standby, so \
+             it never writes into the repository (pass --new-primary when it replaces the source)",
+        );
+    }
     if !removed.is_empty() {
         say(&format!(
             "pgrestore: the backup carried recovery settings of an earlier restore; removed:\n  {}",

@@ -355,6 +355,7 @@ fn generate_corpus(
                 "checkpoint_timeout = '30s'".into(),
                 "synchronous_commit = off".into(),
             ],
+            server_args: Vec::new(),
         },
     );
     let written = |pg: &Postgres| -> usize {

@@ -46,6 +46,7 @@ fn main() {
                 "max_wal_size = '4GB'".into(),
                 "shared_buffers = '128MB'".into(),
             ],
+            server_args: Vec::new(),
         },
     );
     eprintln!("bench: pgbench -i -s {scale}...");

@@ -64,6 +64,7 @@ fn main() {
                 "checkpoint_timeout = '30s'".into(),
                 "synchronous_commit = off".into(),
             ],
+            server_args: Vec::new(),
         },
     );
     let pgbr = w.join("pgbackrest");

@@ -57,6 +57,7 @@ fn main() {
                 "max_wal_size = '2GB'".into(),
                 "max_replication_slots = 4".into(),
             ],
+            server_args: Vec::new(),
         },
     );
     pg.start();

@@ -3,6 +3,7 @@
 //! and the daemon's end-to-end test compare against.
 
 use std::path::PathBuf;
+use std::process::Command;
 
 /// The checkout's root directory.
 #[must_use]
@@ -72,4 +73,83 @@ pub fn metrics_used_by_monitoring() -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// The production overlay with `components/<component>` added, rendered by
+/// `kubectl kustomize`; and a directory under `target/` for what the caller
+/// writes of it.
+///
+/// # Panics
+/// kubectl is missing or the render fails.
+#[must_use]
+pub fn render_with_component(component: &str) -> (PathBuf, String) {
+    let overlays = repo_root().join("manifests/overlays");
+    let copy = overlays.join(format!(".test-{component}-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(overlays.join("production")).expect("production") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let kustomization = copy.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&kustomization).expect("read");
+    assert!(
+        text.contains("\ncomponents:\n"),
+        "production lists components"
+    );
+    std::fs::write(
+        &kustomization,
+        text.replacen(
+            "\ncomponents:\n",
+            &format!("\ncomponents:\n  - ../../components/{component}\n"),
+            1,
+        ),
+    )
+    .expect("write");
+    let out = Command::new("kubectl").arg("kustomize").arg(&copy).output();
+    let _ = std::fs::remove_dir_all(&copy);
+    let out = out.expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize with the {component} component:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = repo_root().join(format!(
+        "target/kustomize-{component}-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    (dir, String::from_utf8(out.stdout).expect("UTF-8"))
+}
+
+/// The `args` of container `container` of the StatefulSet `name` in a
+/// rendered stream of manifests.
+///
+/// # Panics
+/// No such StatefulSet or container.
+#[must_use]
+pub fn statefulset_args(rendered: &str, name: &str, container: &str) -> Vec<String> {
+    use serde::Deserialize as _;
+    for doc in serde_yaml_ng::Deserializer::from_str(rendered) {
+        let v = serde_yaml_ng::Value::deserialize(doc).expect("YAML");
+        if v["kind"].as_str() != Some("StatefulSet") || v["metadata"]["name"].as_str() != Some(name)
+        {
+            continue;
+        }
+        let containers = v["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .expect("containers");
+        let c = containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some(container))
+            .expect("the container");
+        return c["args"]
+            .as_sequence()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    panic!("no StatefulSet {name} in the rendered manifests");
 }

@@ -71,6 +71,9 @@ pub struct PgOptions {
     pub env: Vec<(String, String)>,
     /// Extra `postgresql.conf` lines.
     pub conf: Vec<String>,
+    /// Arguments for `postgres` itself (`-c name=value` outranks every
+    /// configuration file), as a StatefulSet passes them.
+    pub server_args: Vec<String>,
 }
 
 /// A running (or initialised) cluster.
@@ -86,6 +89,7 @@ pub struct Postgres {
     /// The port (names the socket).
     pub port: u16,
     env: Vec<(String, String)>,
+    server_args: Vec<String>,
 }
 
 impl Postgres {
@@ -101,6 +105,7 @@ impl Postgres {
             data,
             port: crate::free_port(),
             env: opts.env.clone(),
+            server_args: opts.server_args.clone(),
             dir,
         };
         pg.run_checked(
@@ -170,6 +175,14 @@ impl Postgres {
             .arg("-l")
             .arg(self.log_path())
             .args(["-w", "-t", "120", "start"]);
+        if !self.server_args.is_empty() {
+            let quoted: Vec<String> = self
+                .server_args
+                .iter()
+                .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+                .collect();
+            cmd.arg("-o").arg(quoted.join(" "));
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -267,6 +280,7 @@ impl Postgres {
             data,
             port: crate::free_port(),
             env: Vec::new(),
+            server_args: Vec::new(),
             dir,
         };
         let out = Command::new("tar")

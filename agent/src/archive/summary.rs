@@ -226,6 +226,7 @@ pub async fn resolve_archive_end(
         restore_points: Vec::new(),
         damaged: Vec::new(),
         resolved: false,
+        diverged: catalog.divergences(index),
     };
     let marked: Vec<WalFileName> = catalog
         .summaries

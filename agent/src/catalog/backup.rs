@@ -296,6 +296,8 @@ pub struct ArchiveEnd {
     /// Whether the newest commit was found (or there is none since the
     /// newest backup): else the window's end stays an estimate.
     pub resolved: bool,
+    /// Timelines that both grew after their fork.
+    pub diverged: Vec<Divergence>,
 }
 
 /// The `backup.json` records read so far, by backup and size. They are
@@ -600,6 +602,73 @@ impl Catalog {
             newest_wal: newest_wal.map(|w| w.name.to_string()),
             streamed_to: stream.map(|s| s.end.to_string()),
         })
+    }
+}
+
+/// Two timelines that both grew after one branched from the other: the
+/// parent kept archiving after the child's history was stored. What a copy
+/// restored and promoted beside a running production leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Divergence {
+    /// The timeline that went on.
+    pub parent: TimelineId,
+    /// The timeline that branched from it.
+    pub child: TimelineId,
+    /// Where it branched.
+    pub switchpoint: String,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "timelines {} and {} both grew after {} branched from {} at {}",
+            self.parent, self.child, self.child, self.parent, self.switchpoint
+        )
+    }
+}
+
+impl Catalog {
+    /// Pairs of timelines that both grew after their fork (see
+    /// [`Divergence`]): the child has WAL of its own, and the parent has WAL
+    /// from the switch segment on, stored after the child's history file.
+    #[must_use]
+    pub fn divergences(&self, index: &WalIndex) -> Vec<Divergence> {
+        let seg = self.segment_size();
+        let mut found = Vec::new();
+        for w in &self.wal {
+            if w.name.kind() != WalFileKind::TimelineHistory {
+                continue;
+            }
+            let child = w.name.timeline();
+            let (Some(h), Some(born)) = (index.history(child), w.meta.modified) else {
+                continue;
+            };
+            let Some(fork) = h.ancestors.last() else {
+                continue;
+            };
+            let switch_seg = fork.switchpoint.segment(seg);
+            let child_grew = self.wal.iter().any(|o| {
+                o.name.timeline() == child
+                    && o.name.kind() == WalFileKind::Segment
+                    && o.name.segment_no(seg).is_some_and(|s| s >= switch_seg)
+            });
+            let parent_grew = self.wal.iter().any(|o| {
+                o.name.timeline() == fork.parent
+                    && o.name.kind() == WalFileKind::Segment
+                    && o.name.segment_no(seg).is_some_and(|s| s >= switch_seg)
+                    && o.meta.modified.is_some_and(|m| m > born)
+            });
+            if child_grew && parent_grew {
+                found.push(Divergence {
+                    parent: fork.parent,
+                    child,
+                    switchpoint: fork.switchpoint.to_string(),
+                });
+            }
+        }
+        found
     }
 }
 

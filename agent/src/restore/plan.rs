@@ -159,6 +159,20 @@ pub enum PlanError {
         /// The names there are.
         known: String,
     },
+    /// Two timelines grew after their fork: `latest` would be a guess.
+    #[error(
+        "{divergence}: a copy restored and promoted beside production may have archived into \
+         this repository. Following the newest timeline ({child}) would leave out what {parent} \
+         committed since; choose one with --target-timeline {parent} or --target-timeline {child}"
+    )]
+    Diverged {
+        /// What diverged.
+        divergence: String,
+        /// The timeline that went on.
+        parent: TimelineId,
+        /// The one that branched.
+        child: TimelineId,
+    },
     /// A hole in the WAL the restore needs.
     #[error(
         "WAL gap: {range} missing from the repository; recovery from backup {backup} cannot pass \
@@ -216,6 +230,19 @@ impl RestorePlan {
                     .then_some((*b, tl))
             })
             .collect();
+        if req.timeline == TargetTimeline::Latest
+            && let Some(newest) = index.newest_timeline()
+            && let Some(d) = catalog
+                .divergences(index)
+                .into_iter()
+                .find(|d| index.descends(newest, d.child, Lsn(0)))
+        {
+            return Err(PlanError::Diverged {
+                divergence: d.to_string(),
+                parent: d.parent,
+                child: d.child,
+            });
+        }
         if on_timeline.is_empty() {
             let t = match req.timeline {
                 TargetTimeline::Id(t) => t,
@@ -526,6 +553,9 @@ impl RestorePlan {
             }
         } else if facts.last_summarized {
             match &req.target {
+                // Only when no segment after the newest commit lacks a
+                // summary: one that does may hold a later commit.
+                RecoveryTarget::Time(_) if !facts.nothing_unknown_after_last_commit => {}
                 RecoveryTarget::Time(t) => match &facts.last_commit {
                     Some(c) if c.time_us < t.micros => {
                         self.notes.push(format!(

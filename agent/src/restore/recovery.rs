@@ -22,7 +22,17 @@ pub struct RecoveryConfig {
     pub action: TargetAction,
     /// `recovery_target_inclusive = off`.
     pub exclusive: bool,
+    /// The restored cluster replaces the source (`pgrestore --new-primary`):
+    /// it keeps the backup's archiving and synchronous settings. Without
+    /// it the restore is a copy beside a running source: `archive_mode =
+    /// off` and no synchronous standby, so it never writes into the source
+    /// repository and its commits never wait for a stream it does not have.
+    pub new_primary: bool,
 }
+
+/// Marks the lines a side restore adds, so that a later restore of a backup
+/// taken from that copy removes them.
+const SIDE_MARK: &str = "# pgrestore: a copy beside its source (--new-primary lifts this)";
 
 fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -54,6 +64,10 @@ impl RecoveryConfig {
         );
         if self.exclusive {
             let _ = writeln!(out, "recovery_target_inclusive = off");
+        }
+        if !self.new_primary {
+            let _ = writeln!(out, "archive_mode = 'off'  {SIDE_MARK}");
+            let _ = writeln!(out, "synchronous_standby_names = ''  {SIDE_MARK}");
         }
         out
     }
@@ -113,7 +127,8 @@ fn strip_recovery_settings(text: &str) -> (String, Vec<String>) {
         if trimmed.starts_with("# added by pgrestore") {
             continue;
         }
-        if !trimmed.starts_with('#') && is_recovery_setting(&key) {
+        if !trimmed.starts_with('#') && (is_recovery_setting(&key) || trimmed.ends_with(SIDE_MARK))
+        {
             removed.push(trimmed.to_owned());
             continue;
         }

@@ -175,7 +175,6 @@ async fn session(
         cfg.auto_init,
     )
     .await?;
-    warn_about_sync_setting(&control, cfg).await;
     let restart = ensure_slot(repo, &control, cfg, ident, seg, status).await?;
 
     // Start at the first segment the repository does not hold whole.
@@ -209,6 +208,8 @@ async fn session(
     conn.start_replication(&cfg.slot, state.start, ident.timeline)
         .await?;
     tracing::info!(slot = %cfg.slot, timeline = ident.timeline.0, start = %state.start, stored = %stored, sync = cfg.sync, "streaming WAL");
+    // Once streaming, so that commits never wait for a stream not yet there.
+    settle_sync_setting(&control, cfg).await;
     {
         let mut s = lock(status);
         s.up = true;
@@ -465,20 +466,64 @@ async fn segment_size(control: &tokio_postgres::Client) -> anyhow::Result<u32> {
     u32::try_from(size).context("wal_segment_size out of range")
 }
 
-/// Warns when `synchronous_standby_names` and `PITR_STREAM_SYNC` disagree.
-async fn warn_about_sync_setting(control: &tokio_postgres::Client, cfg: &StreamConfig) {
+/// Settles `synchronous_standby_names` with `PITR_STREAM_SYNC`.
+///
+/// With sync on and the setting never set (source `default`), the stream
+/// names itself with `ALTER SYSTEM` and reloads: a setting in
+/// `postgresql.auto.conf`, so that the documented release (`ALTER SYSTEM
+/// SET synchronous_standby_names = ''`) works; a `-c` on postgres' command
+/// line would outrank it. A value the operator set (a release among them)
+/// is left alone, with a warning: the operator's word wins until `ALTER
+/// SYSTEM RESET synchronous_standby_names`.
+async fn settle_sync_setting(control: &tokio_postgres::Client, cfg: &StreamConfig) {
     let Ok(row) = control
-        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .query_one(
+            "SELECT setting, source FROM pg_settings WHERE name = 'synchronous_standby_names'",
+            &[],
+        )
         .await
     else {
         return;
     };
     let names: String = row.get(0);
+    let source: String = row.get(1);
     let named = names
         .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
         .any(|n| n.eq_ignore_ascii_case(&cfg.slot));
     if cfg.sync && !named {
-        tracing::warn!(synchronous_standby_names = %names, slot = %cfg.slot, "PITR_STREAM_SYNC=on, but synchronous_standby_names does not name the stream: commits do not wait for the repository");
+        if source == "default" {
+            let set = format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+                cfg.slot.replace('\'', "''")
+            );
+            // Two statements: ALTER SYSTEM refuses to run in the implicit
+            // transaction of a multi-statement query.
+            let result = match control.batch_execute(&set).await {
+                Ok(()) => control.batch_execute("SELECT pg_reload_conf()").await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => tracing::info!(
+                    slot = %cfg.slot,
+                    "PITR_STREAM_SYNC=on: set synchronous_standby_names with ALTER SYSTEM; commits now wait for the repository. Release in an emergency: ALTER SYSTEM SET synchronous_standby_names = ''; SELECT pg_reload_conf()"
+                ),
+                Err(e) => {
+                    let hint = if e.code()
+                        == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+                    {
+                        "; the stream's role needs superuser, or GRANT ALTER SYSTEM ON PARAMETER synchronous_standby_names and EXECUTE on pg_reload_conf() (PostgreSQL 15+)"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!(
+                        error = %crate::pgconn::error_text(&e),
+                        "PITR_STREAM_SYNC=on, but setting synchronous_standby_names failed: commits do not wait for the repository{hint}"
+                    );
+                }
+            }
+        } else {
+            tracing::warn!(synchronous_standby_names = %names, source = %source, slot = %cfg.slot, "PITR_STREAM_SYNC=on, but synchronous_standby_names is set to something else (a release?): commits do not wait for the repository; ALTER SYSTEM RESET synchronous_standby_names, and the stream sets it at its next connection");
+        }
     }
     if !cfg.sync && named {
         tracing::warn!(synchronous_standby_names = %names, slot = %cfg.slot, "synchronous_standby_names names the stream but PITR_STREAM_SYNC is off: every commit waits up to PITR_STREAM_FLUSH");

@@ -52,6 +52,12 @@ impl WalIndex {
         index
     }
 
+    /// The parsed history of `tl`, if the archive has one.
+    #[must_use]
+    pub fn history(&self, tl: TimelineId) -> Option<&TimelineHistory> {
+        self.histories.get(&tl)
+    }
+
     /// The segment size the index was built with.
     #[must_use]
     pub fn segment_size(&self) -> u32 {

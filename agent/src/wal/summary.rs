@@ -411,6 +411,10 @@ pub struct PathFacts {
     pub stop: Option<(WalFileName, DamageNote)>,
     /// Restore points replay reaches.
     pub restore_points: Vec<RestorePoint>,
+    /// Whether every segment after the one that holds `last_commit` (all
+    /// of them, without a commit) has a summary: only then is it known
+    /// that nothing was committed after it.
+    pub nothing_unknown_after_last_commit: bool,
 }
 
 /// Folds the summaries of a path's segments, oldest first (`None` where a
@@ -430,9 +434,11 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
             f.archived_last_commit = Some(c.clone());
         }
     };
+    let mut unknown_since_commit = false;
     for (i, (name, s)) in path.iter().enumerate() {
         let Some(s) = *s else {
             prev = None;
+            unknown_since_commit = true;
             continue;
         };
         f.summarized += 1;
@@ -459,6 +465,7 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
                         };
                         later(&mut f, &c);
                         f.last_commit = Some(c);
+                        unknown_since_commit = false;
                     }
                     if let RecordKind::RestorePoint { name, time } = &r.kind {
                         f.restore_points.push(RestorePoint {
@@ -475,6 +482,7 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
         }
         if let Some(c) = &s.last_commit {
             f.last_commit = Some(c.clone());
+            unknown_since_commit = false;
         }
         f.restore_points.extend(s.restore_points.iter().cloned());
         if s.last_complete.is_some() {
@@ -486,5 +494,6 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
         }
         prev = Some(s);
     }
+    f.nothing_unknown_after_last_commit = !unknown_since_commit;
     f
 }

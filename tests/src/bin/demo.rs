@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             archive_command: Some(format!("{} wal-push %p", agent().display())),
             env: vec![("PITR_REPO".into(), repo.clone())],
             conf: vec!["max_wal_size = '1GB'".into()],
+            server_args: Vec::new(),
         },
     );
     println!("== pitr-agent init (once per repository; the first push claims it)");

@@ -40,6 +40,17 @@ fn archiving_cluster_with(
     env: &[(String, String)],
     conf: &[&str],
 ) -> Postgres {
+    archiving_cluster_args(bin, repo, env, conf, Vec::new())
+}
+
+/// [`archiving_cluster_with`], and arguments for `postgres` itself.
+fn archiving_cluster_args(
+    bin: &PgBin,
+    repo: &str,
+    env: &[(String, String)],
+    conf: &[&str],
+    server_args: Vec<String>,
+) -> Postgres {
     let mut env = env.to_vec();
     env.push(("PITR_REPO".into(), repo.into()));
     // Keep every segment in pg_wal so the tests can compare bytes.
@@ -54,6 +65,7 @@ fn archiving_cluster_with(
             archive_command: Some(format!("{} wal-push %p", agent().display())),
             env: env.clone(),
             conf: lines,
+            server_args,
         },
     );
     // As in the manifests: `init` first, and the first push claims it.
@@ -94,6 +106,22 @@ impl Setup {
             pg: archiving_cluster_with(bin, &repo, &env, conf),
             repo,
             env,
+            dir: Some(dir),
+            _tmp: Some(tmp),
+            server: None,
+        }
+    }
+
+    /// A file:// repository; the server started with `server_args` (as a
+    /// StatefulSet starts it).
+    pub(crate) fn file_with_args(bin: &PgBin, conf: &[&str], server_args: Vec<String>) -> Self {
+        let tmp = user_tempdir(RunAs::test_user(), "repo");
+        let dir = tmp.path().join("archive");
+        let repo = format!("file://{}", dir.display());
+        Setup {
+            pg: archiving_cluster_args(bin, &repo, &[], conf, server_args),
+            repo,
+            env: Vec::new(),
             dir: Some(dir),
             _tmp: Some(tmp),
             server: None,

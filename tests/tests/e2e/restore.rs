@@ -360,6 +360,8 @@ fn timelines(bin: &PgBin, src: &mut Source, seed: u64) {
                 "--start",
                 "--target-action",
                 "promote",
+                // It replaces the source: it archives its new timeline here.
+                "--new-primary",
             ],
         ),
         "restore and promote",
@@ -656,6 +658,8 @@ fn life_after_a_restore(kind: Option<S3Kind>) {
                 "--start",
                 "--target-action",
                 "promote",
+                // It replaces the source: it archives its new timeline here.
+                "--new-primary",
             ],
         ),
         "restore and promote",

