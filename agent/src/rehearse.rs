@@ -19,9 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng as _;
-use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
+pub use crate::catalog::rehearsals::{FailureReason, Phases, RehearsalRecord, Rehearsals, load};
 use crate::catalog::{self, backup::Catalog};
 use crate::cli::RepoArgs;
 use crate::pgconn::PgTarget;
@@ -62,105 +62,6 @@ pub struct RehearseConfig {
     pub pg: PgTarget,
     /// Give up on replay after this long.
     pub timeout: Duration,
-}
-
-/// Why a rehearsal failed: a small fixed set, for the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FailureReason {
-    /// No plan: no backup, or the window cannot be reached.
-    Plan,
-    /// The backup could not be downloaded or extracted (corrupt, missing).
-    Restore,
-    /// PostgreSQL did not reach the target (missing or corrupt WAL).
-    Replay,
-    /// `pg_amcheck` found corruption.
-    Amcheck,
-    /// A database does not accept connections.
-    Connect,
-    /// An operator check returned false or failed.
-    UserCheck,
-    /// The restore took longer than the RTO objective.
-    TooSlow,
-    /// The rehearsal itself could not run (scratch space, programs).
-    Internal,
-}
-
-impl FailureReason {
-    /// The label value.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Plan => "plan",
-            Self::Restore => "restore",
-            Self::Replay => "replay",
-            Self::Amcheck => "amcheck",
-            Self::Connect => "connect",
-            Self::UserCheck => "user-check",
-            Self::TooSlow => "too-slow",
-            Self::Internal => "internal",
-        }
-    }
-
-    /// Every reason, for creating the metric's series.
-    pub const ALL: [FailureReason; 8] = [
-        Self::Plan,
-        Self::Restore,
-        Self::Replay,
-        Self::Amcheck,
-        Self::Connect,
-        Self::UserCheck,
-        Self::TooSlow,
-        Self::Internal,
-    ];
-}
-
-/// Seconds per phase.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Phases {
-    /// Download and extract of the base backup.
-    pub restore: f64,
-    /// Start, replay to the target, promotion.
-    pub replay: f64,
-    /// amcheck, connections, operator checks.
-    pub checks: f64,
-}
-
-/// What a rehearsal found; stored as `rehearsals/<id>.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RehearsalRecord {
-    /// Format version.
-    pub format: u32,
-    /// When it started, as `YYYYMMDDTHHMMSSZ`.
-    pub id: String,
-    /// Whether every check passed.
-    pub ok: bool,
-    /// Why not.
-    pub reason: Option<FailureReason>,
-    /// What went wrong, in words.
-    pub error: Option<String>,
-    /// The target, as planned.
-    pub target: String,
-    /// The backup restored.
-    pub backup: Option<String>,
-    /// The last replayed commit: the proven restorable point (RPO).
-    pub restored_point: Option<String>,
-    /// The same, as Unix seconds.
-    pub restored_point_unix: Option<f64>,
-    /// Where replay ended.
-    pub replay_lsn: Option<String>,
-    /// Seconds per phase.
-    pub phases: Phases,
-    /// Restore and replay: the measured time to restore (RTO).
-    pub restore_seconds: f64,
-    /// The databases that connected.
-    pub databases: Vec<String>,
-    /// The operator checks that ran, in order.
-    pub user_checks: Vec<String>,
-    /// When it finished, RFC 3339.
-    pub finished_at: String,
 }
 
 /// Removes the scratch directory and stops the server started in it, when
@@ -321,6 +222,8 @@ async fn run(
         .await
         .map_err(|e| (FailureReason::Plan, format!("{e:#}")))?;
     record.backup = Some(plan.backup.id.to_string());
+    files::check_free_space(&cfg.scratch_parent, plan.disk_needed)
+        .map_err(|e| (FailureReason::Internal, format!("{e:#}")))?;
     let major = plan.backup.pg_version / 10_000;
     let pg_ctl = cfg
         .pg
@@ -423,7 +326,7 @@ fn random_target(catalog: &Catalog) -> Result<RecoveryTarget, Failed> {
         };
     let proven = catalog
         .rehearsals
-        .newest_ok
+        .newest_ok_latest
         .as_ref()
         .and_then(|r| r.restored_point_unix)
         .map(|p| (p * 1e6) as i64);
@@ -603,68 +506,6 @@ fn free_port() -> u16 {
         .map_or(54_329, |a| a.port())
 }
 
-/// What the repository says about rehearsals: from one listing and at most
-/// two small reads.
-#[derive(Debug, Clone, Default)]
-pub struct Rehearsals {
-    /// The newest record.
-    pub newest: Option<RehearsalRecord>,
-    /// The newest successful record: the proven restorable point.
-    pub newest_ok: Option<RehearsalRecord>,
-    /// Failed rehearsals in the repository, by reason.
-    pub failures: Vec<(String, u64)>,
-    /// Successful rehearsals in the repository.
-    pub successes: u64,
-}
-
-/// Reads [`Rehearsals`].
-///
-/// # Errors
-/// Listing or reading fails.
-pub async fn load(
-    storage: &crate::storage::Storage,
-) -> Result<Rehearsals, crate::storage::StorageError> {
-    let mut keys: Vec<(String, String, crate::storage::ObjectKey)> = storage
-        .list(catalog::REHEARSALS_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let (id, outcome) = catalog::rehearsal_of(&o.key)?;
-            Some((id.to_owned(), outcome.to_owned(), o.key.clone()))
-        })
-        .collect();
-    keys.sort();
-    let mut out = Rehearsals::default();
-    let mut failures: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    for (_, outcome, _) in &keys {
-        if outcome == "ok" {
-            out.successes += 1;
-        } else {
-            *failures.entry(outcome.clone()).or_default() += 1;
-        }
-    }
-    out.failures = failures.into_iter().collect();
-    let read = |key: crate::storage::ObjectKey| async move {
-        match storage.get(&key).await {
-            Ok(body) => Ok(serde_json::from_slice::<RehearsalRecord>(&body).ok()),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    };
-    if let Some((_, outcome, key)) = keys.last() {
-        out.newest = read(key.clone()).await?;
-        if outcome == "ok" {
-            out.newest_ok.clone_from(&out.newest);
-        }
-    }
-    if out.newest_ok.is_none()
-        && let Some((_, _, key)) = keys.iter().rev().find(|(_, o, _)| o == "ok")
-    {
-        out.newest_ok = read(key.clone()).await?;
-    }
-    Ok(out)
-}
-
 /// One paragraph for people: what was proven, or what failed.
 #[must_use]
 pub fn summary(r: &RehearsalRecord) -> String {
@@ -698,6 +539,21 @@ pub fn summary(r: &RehearsalRecord) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_latest_record_is_recognised_by_its_target_text() {
+        let mut r: super::RehearsalRecord = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": "x", "ok": true, "reason": null, "error": null,
+            "target": super::RecoveryTarget::Latest.to_string(), "backup": null,
+            "restored-point": null, "restored-point-unix": null, "replay-lsn": null,
+            "phases": {"restore": 0.0, "replay": 0.0, "checks": 0.0},
+            "restore-seconds": 0.0, "databases": [], "user-checks": [], "finished-at": "x"
+        }))
+        .expect("a record");
+        assert!(crate::catalog::rehearsals::is_latest(&r));
+        r.target = super::RecoveryTarget::Lsn(crate::wal::Lsn(5)).to_string();
+        assert!(!crate::catalog::rehearsals::is_latest(&r));
+    }
+
     #[test]
     fn checks_files_split_into_statements() {
         let text = "-- Odoo has users\nselect count(*) > 0 from res_users;\n\n\

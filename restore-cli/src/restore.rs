@@ -73,6 +73,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         &dir,
         args.target_timeline,
     ));
+    files::check_free_space(&dir, plan.disk_needed)?;
     if args.dry_run {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -160,13 +161,28 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             args.start_port,
             args.socket_dir.display()
         ));
-        let r = start_and_wait(&dir, &cfg).await?;
+        let r = match start_and_wait(&dir, &cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Whatever went wrong, the directory goes back to how it was
+                // found: never a half-recovered cluster that looks good.
+                files::stop_server(&cfg.pg_ctl, &dir).await;
+                files::clean(&dir, existed);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "recover {} (it was left {}, as it was found)",
+                    dir.display(),
+                    if existed { "empty" } else { "absent" }
+                )));
+            }
+        };
         if let Err(short) = files::check_replay_end(&plan, &r) {
             files::stop_server(&cfg.pg_ctl, &dir).await;
+            files::clean(&dir, existed);
             bail!(
-                "{short}. The server was stopped; {} is not a usable result: empty it, and restore \
-                 to an earlier target or repair the WAL (`pitr-agent verify` names what is damaged)",
-                dir.display()
+                "{short}. The server was stopped and {} left {}, as it was found: restore to an \
+                 earlier target or repair the WAL (`pitr-agent verify` names what is damaged)",
+                dir.display(),
+                if existed { "empty" } else { "absent" }
             );
         }
         say(&format!(
@@ -284,6 +300,11 @@ fn plan_text(
     out.push_str(&format!(
         "  to fetch:  {}\n",
         report::bytes(plan.backup_bytes + plan.wal_bytes)
+    ));
+    out.push_str(&format!(
+        "  disk:      about {} needed in {}\n",
+        report::bytes(plan.disk_needed),
+        dir.display()
     ));
     if let Some(w) = &plan.window {
         out.push_str(&format!(

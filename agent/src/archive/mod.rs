@@ -18,6 +18,7 @@
 //! - [`fetch`]: `wal-fetch`, its retries and verified writes;
 //! - [`spool`]: the prefetch spool and its prefetcher.
 
+mod download;
 mod fetch;
 mod markers;
 mod push;

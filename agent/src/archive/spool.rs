@@ -9,7 +9,7 @@ use crate::pgdata;
 use crate::repository::Repository;
 use crate::wal::WalFileName;
 
-use super::fetch::download_to;
+use super::download::download_to;
 use super::*;
 
 /// The data directory holding `wal_dir`, if `wal_dir` is its `pg_wal`

@@ -272,7 +272,7 @@ pub struct Catalog {
     /// each reaches (see [`super::partial`]).
     pub streamed: Vec<super::partial::StreamedSegment>,
     /// Restore rehearsals: the newest, the newest that succeeded, counts.
-    pub rehearsals: crate::rehearse::Rehearsals,
+    pub rehearsals: super::rehearsals::Rehearsals,
     /// The stored WAL summaries, by WAL file.
     pub summaries: HashMap<WalFileName, super::SummaryEntry>,
     /// Where the archived WAL ends, once resolved from the summaries
@@ -447,7 +447,7 @@ impl Catalog {
             complete.contains(n)
         });
         catalog.streamed = streamed;
-        catalog.rehearsals = crate::rehearse::load(storage).await?;
+        catalog.rehearsals = super::rehearsals::load(storage).await?;
         for object in storage.list(super::SUMMARY_PREFIX).await? {
             if let Some(entry) = super::summary_entry(&object.key) {
                 catalog.summaries.insert(entry.name.clone(), entry);

@@ -20,6 +20,7 @@
 pub mod backup;
 mod identity;
 pub mod partial;
+pub mod rehearsals;
 pub mod retention;
 
 pub use identity::{

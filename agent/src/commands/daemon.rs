@@ -128,28 +128,11 @@ impl DaemonArgs {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let token = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            crate::cli::wait_for_signal().await;
             tracing::info!("shutting down");
             token.cancel();
         });
         daemon::run(repo, cfg, shutdown).await?;
         Ok(ExitCode::SUCCESS)
-    }
-}
-
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.
-pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
     }
 }

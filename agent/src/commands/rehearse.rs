@@ -110,7 +110,7 @@ impl RehearseArgs {
             .resolve(self.target, &self.pg, self.agent.as_deref())?;
         let record = tokio::select! {
             r = rehearse::rehearse(&repo, repo_args, &cfg) => r?,
-            () = super::daemon::wait_for_signal() => {
+            () = crate::cli::wait_for_signal() => {
                 // Dropping the rehearsal stopped its server and removed its
                 // scratch directory.
                 anyhow::bail!("stopped by a signal; the scratch directory and its server are gone");

@@ -271,9 +271,15 @@ impl Metrics {
         };
         if let Some(ok) = &r.newest_ok {
             self.rehearsal_last_success.set(finished(ok));
-            if let Some(point) = ok.restored_point_unix {
-                self.rehearsal_restored_point.set(point);
-            }
+        }
+        // The proven point comes from `latest` rehearsals only: a random
+        // target proves an earlier point and must not move it back.
+        if let Some(point) = r
+            .newest_ok_latest
+            .as_ref()
+            .and_then(|ok| ok.restored_point_unix)
+        {
+            self.rehearsal_restored_point.set(point);
         }
         if let Some(newest) = &r.newest {
             self.rehearsal_last_failure

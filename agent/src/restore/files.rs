@@ -124,6 +124,37 @@ pub fn check_replay_end(
     }
 }
 
+/// Checks that the file system that will hold `dir` (its nearest existing
+/// ancestor) has `need` bytes free, before anything is downloaded.
+///
+/// # Errors
+/// Too little space, naming both figures and what to do.
+pub fn check_free_space(dir: &Path, need: u64) -> anyhow::Result<()> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) => at = p,
+            None => return Ok(()),
+        }
+    }
+    let Ok(st) = rustix::fs::statvfs(at) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        bail!(
+            "not enough disk for the restore into {}: it needs about {} (the backup's files and \
+             room for WAL), and {} is free on the file system of {}; free space, or choose \
+             another --pgdata",
+            dir.display(),
+            crate::report::bytes(need),
+            crate::report::bytes(free),
+            at.display()
+        );
+    }
+    Ok(())
+}
+
 /// Stops the server on `dir` (fast shutdown), waiting for it; errors are
 /// ignored (the caller is already reporting one).
 pub async fn stop_server(pg_ctl: &Path, dir: &Path) {
@@ -189,6 +220,20 @@ fn shell_word(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_little_space_is_named_before_anything_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("not/yet/there");
+        super::check_free_space(&target, 1).expect("a byte is free");
+        let e = super::check_free_space(&target, u64::MAX).expect_err("nobody has that much");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("not enough disk") && text.contains("--pgdata"),
+            "{text}"
+        );
+        assert!(!target.exists(), "the check created {}", target.display());
+    }
 
     #[test]
     fn shell_words_survive_sh() {

@@ -11,6 +11,11 @@ use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow, 
 use crate::wal::summary::{PathFacts, path_facts};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName, WalIndex};
 
+/// Segments of local room a restore keeps beside the backup's files: the
+/// segment being replayed, the prefetch spool, and WAL recovery writes
+/// before its first restartpoint recycles it.
+pub const DISK_WAL_SEGMENTS: u64 = 16;
+
 /// What the operator asked for.
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
@@ -46,6 +51,9 @@ pub struct RestorePlan {
     pub wal_bytes: u64,
     /// Stored bytes of the backup.
     pub backup_bytes: u64,
+    /// Local disk the restore needs: the backup's files, and room for the
+    /// WAL replay fetches and writes ([`DISK_WAL_SEGMENTS`] segments).
+    pub disk_needed: u64,
     /// The restorable window.
     pub window: Option<RestorableWindow>,
     /// Things the operator should know.
@@ -463,6 +471,7 @@ impl RestorePlan {
             );
         }
         Ok(RestorePlan {
+            disk_needed: backup.raw_bytes + DISK_WAL_SEGMENTS * u64::from(backup.wal_segment_size),
             backup_bytes: backup.stored_bytes,
             backup: backup.clone(),
             timeline,

@@ -192,8 +192,8 @@ pub enum StartError {
     Failed(String),
     /// Too slow.
     #[error(
-        "recovery did not reach the target within {0:?}; the server is still running: watch \
-         its log, and stop it with pg_ctl stop"
+        "recovery did not reach the target within {0:?}: give a longer --start-timeout (a long \
+         replay), or start the restored directory yourself and watch its log"
     )]
     Timeout(Duration),
 }
@@ -245,8 +245,8 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
             return Err(StartError::Failed(format!(
                 "PostgreSQL ended recovery{at} before reaching the target: the WAL after that \
                  point is missing from the repository or unreadable (`pitr-agent verify` names \
-                 which). The server stopped; {} holds no usable result: empty it and restore to \
-                 an earlier target. Server log:\n{}",
+                 which). The server stopped, with no usable result in {}: restore to an earlier \
+                 target. Server log:\n{}",
                 dir.display(),
                 tail(&log, 8)
             )));
@@ -262,12 +262,24 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
                     ..Reached::default()
                 });
             }
+            if let Some(cause) = fetch_failure(&log)
+                && cause.starts_with("cannot write ")
+            {
+                // wal-fetch could not write into the data directory: a
+                // local problem (a full disk, permissions), not the repository.
+                return Err(StartError::Failed(format!(
+                    "recovery stopped because WAL could not be written into the data directory: \
+                     {cause}\nThe server is stopped; free space on {}'s volume (or choose \
+                     another --pgdata) and run pgrestore again. Server log:\n{}",
+                    dir.display(),
+                    tail(&log, 8)
+                )));
+            }
             if let Some(cause) = fetch_failure(&log) {
                 return Err(StartError::Failed(format!(
                     "recovery stopped because the repository could not deliver WAL: {cause}\n\
-                     The server is stopped; {} is not a usable result. Fix the repository (or \
-                     set PITR_FETCH_RETRY_FOR longer), empty the directory and run pgrestore \
-                     again. Server log:\n{}",
+                     The server is stopped, with no usable result in {}. Fix the repository (or \
+                     set PITR_FETCH_RETRY_FOR longer) and run pgrestore again. Server log:\n{}",
                     dir.display(),
                     tail(&log, 8)
                 )));

@@ -88,6 +88,21 @@ impl RepoUrl {
             reason: why.to_owned(),
         };
         let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // Never repeated: the URL travels into restore_command, process
+            // arguments and postgresql.auto.conf, which later backups store.
+            let mut shown = url.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            return Err(StorageError::InvalidUrl {
+                url: shown.to_string(),
+                reason: "credentials do not belong in the repository URL (they would be copied \
+                         into restore_command and every later backup); remove them and set \
+                         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a web \
+                         identity (IRSA) instead"
+                    .to_owned(),
+            });
+        }
         match url.scheme() {
             "file" => {
                 if !matches!(url.host_str(), None | Some("" | "localhost")) {
@@ -540,6 +555,21 @@ mod tests {
             "http://bucket/x",
         ] {
             assert!(RepoUrl::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_and_never_repeated() {
+        for url in [
+            "s3://AKIAKEY:s3cr3t-marker@bucket/p",
+            "s3://AKIAKEY@bucket/p",
+        ] {
+            let msg = RepoUrl::parse(url).expect_err("credentials").to_string();
+            assert!(msg.contains("AWS_ACCESS_KEY_ID"), "{msg}");
+            assert!(
+                !msg.contains("s3cr3t-marker") && !msg.contains("AKIAKEY"),
+                "{msg}"
+            );
         }
     }
 

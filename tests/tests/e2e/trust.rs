@@ -236,6 +236,11 @@ fn damaged_wal_in_the_middle_is_found_refused_and_never_reported_reached() {
     let err = stderr(&out);
     assert!(!err.contains("reached the target"), "{err}");
     assert!(err.contains("before reaching the target"), "{err}");
+    assert!(
+        !r.data.exists(),
+        "the failed --start left {} behind",
+        r.data.display()
+    );
     let histories: Vec<String> = std::fs::read_dir(dir.join("wal"))
         .expect("wal")
         .flatten()
