@@ -217,6 +217,9 @@ pub fn listing_table(l: &Listing<'_>) -> String {
                 .map(|lsn| format!(", streamed to {lsn}"))
                 .unwrap_or_default();
             let end = match w.last_commit {
+                _ if w.gaps.iter().any(|g| g.resumes_at.is_none()) => {
+                    format!("{} (where the WAL gap below begins)", time(w.end))
+                }
                 Some(c) if w.end_is_last_commit => format!(
                     "{} (the newest commit)",
                     humantime::format_rfc3339_micros(c)
@@ -235,6 +238,19 @@ pub fn listing_table(l: &Listing<'_>) -> String {
                 time(w.start),
                 w.newest_wal.as_deref().unwrap_or("none")
             );
+            for g in &w.gaps {
+                let _ = writeln!(
+                    out,
+                    "WAL GAP: {} missing; nothing after {} is restorable from an earlier backup{}",
+                    g.missing,
+                    time(g.ends_at),
+                    match g.resumes_at {
+                        Some(r) =>
+                            format!("; the window resumes at {} (a backup after it)", time(r)),
+                        None => "; take a backup to restore past it".to_owned(),
+                    }
+                );
+            }
         }
         None => out.push_str("restorable window: none (no backup)\n"),
     }

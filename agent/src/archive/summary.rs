@@ -227,6 +227,7 @@ pub async fn resolve_archive_end(
         damaged: Vec::new(),
         resolved: false,
         diverged: catalog.divergences(index),
+        gaps: catalog.window_gaps(index),
     };
     let marked: Vec<WalFileName> = catalog
         .summaries

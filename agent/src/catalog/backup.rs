@@ -298,6 +298,92 @@ pub struct ArchiveEnd {
     pub resolved: bool,
     /// Timelines that both grew after their fork.
     pub diverged: Vec<Divergence>,
+    /// Holes in the live timeline's WAL: each ends the window, which
+    /// resumes at the first backup after it, if there is one.
+    pub gaps: Vec<WindowGap>,
+}
+
+/// A hole in the WAL that splits (or ends) the restorable window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WindowGap {
+    /// The missing segments.
+    pub missing: String,
+    /// When the WAL before it was stored: nothing later is restorable from
+    /// a backup before the gap.
+    #[serde(with = "time_text")]
+    pub ends_at: SystemTime,
+    /// The end of the first backup after it, where the window resumes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_time_text"
+    )]
+    pub resumes_at: Option<SystemTime>,
+}
+
+impl Catalog {
+    /// The holes in the WAL of the newest timeline's recovery path, from its
+    /// oldest backup on (see [`WindowGap`]).
+    #[must_use]
+    pub fn window_gaps(&self, index: &WalIndex) -> Vec<WindowGap> {
+        let seg = self.segment_size();
+        let Some(live) = index
+            .newest_timeline()
+            .or_else(|| self.backups.iter().map(|b| b.timeline).max())
+        else {
+            return Vec::new();
+        };
+        let on_path: Vec<&BackupRecord> = self
+            .backups
+            .iter()
+            .filter(|b| index.descends(live, b.timeline, b.stop_lsn))
+            .collect();
+        let Some(first) = on_path.first() else {
+            return Vec::new();
+        };
+        let from = Lsn(first.stop_lsn.0.saturating_sub(1)).segment(seg);
+        let path = index.path(first.timeline, from, live);
+        let to = index.end_of(&path);
+        let (missing, _) = index.missing(&path, from, to);
+        // Runs of consecutive missing segments.
+        let mut runs: Vec<(SegmentNo, SegmentNo)> = Vec::new();
+        for (_, s) in missing {
+            match runs.last_mut() {
+                Some((_, last)) if last.0 + 1 == s.0 => *last = s,
+                _ => runs.push((s, s)),
+            }
+        }
+        runs.into_iter()
+            .map(|(a, b)| {
+                let tl = WalIndex::timeline_for(&path, a);
+                let before = SegmentNo(a.0.saturating_sub(1));
+                let before_name =
+                    WalFileName::segment(WalIndex::timeline_for(&path, before), before, seg);
+                let ends_at = self
+                    .stored_time(&before_name)
+                    .unwrap_or(first.stop_time)
+                    .max(
+                        on_path
+                            .iter()
+                            .filter(|x| x.stop_lsn.segment(seg) < a)
+                            .map(|x| x.stop_time)
+                            .max()
+                            .unwrap_or(first.stop_time),
+                    );
+                let resumes_at = on_path
+                    .iter()
+                    .filter(|x| x.start_segment() > b)
+                    .map(|x| x.stop_time)
+                    .min();
+                WindowGap {
+                    missing: index.range_text(tl, a, b),
+                    ends_at,
+                    resumes_at,
+                }
+            })
+            .collect()
+    }
 }
 
 /// The `backup.json` records read so far, by backup and size. They are
@@ -585,20 +671,32 @@ impl Catalog {
             .as_ref()
             .and_then(|e| e.last_commit.as_ref())
             .map(|c| micros_to_time(c.time_us));
-        let end = match &self.archive_end {
+        let mut end = match &self.archive_end {
             Some(e) if e.resolved => {
                 last_commit.map_or(newest_backup_end, |c| c.max(newest_backup_end))
             }
             _ => archived_to,
         };
+        // A hole no later backup bridges ends the window before it.
+        let gaps: Vec<WindowGap> = self
+            .archive_end
+            .as_ref()
+            .map(|e| e.gaps.clone())
+            .unwrap_or_default();
+        let mut end_is_last_commit = last_commit.is_some_and(|c| c >= newest_backup_end);
+        if let Some(g) = gaps.iter().find(|g| g.resumes_at.is_none()) {
+            end = end.min(g.ends_at);
+            end_is_last_commit = false;
+        }
         Some(RestorableWindow {
             start: oldest.stop_time,
             // The archive holds everything to its newest commit, whatever
             // the store's clock (S3 times have one-second precision).
             archived_to: archived_to.max(end),
             end,
-            end_is_last_commit: last_commit.is_some_and(|c| c >= newest_backup_end),
+            end_is_last_commit,
             last_commit,
+            gaps,
             newest_wal: newest_wal.map(|w| w.name.to_string()),
             streamed_to: stream.map(|s| s.end.to_string()),
         })
@@ -707,6 +805,10 @@ pub struct RestorableWindow {
     /// restores everything archived (nothing was committed in between).
     #[serde(with = "time_text")]
     pub archived_to: SystemTime,
+    /// Holes in the WAL: the window ends at the first one no later backup
+    /// bridges, and is split by the others.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<WindowGap>,
     /// The newest archived WAL segment.
     pub newest_wal: Option<String>,
     /// Where the streamed WAL after it ends (an LSN), when streaming.

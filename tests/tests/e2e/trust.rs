@@ -402,3 +402,171 @@ fn a_copy_never_poisons_its_source_and_a_divergence_is_named() {
     ok(&out, "latest on timeline 1");
     assert_eq!(ids(&r), "1,2,3,4,5,6");
 }
+
+/// A segment missing in the middle ends the window where it begins; a
+/// backup after it makes the window resume, and the end is the newest
+/// commit again.
+#[test]
+fn a_wal_gap_ends_the_window_until_a_backup_bridges_it() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file_with(&bin, &["track_commit_timestamp = on"]);
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY)");
+    s.backup();
+    let mut names = Vec::new();
+    for i in 1..=4 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({i})"));
+        names.push(s.pg.switch_wal());
+    }
+    let _ = s.archive_now();
+    let dir = s.dir.clone().expect("file repository");
+    let victim = &names[1];
+    std::fs::remove_file(dir.join(format!("wal/{victim}.gz"))).expect("delete a segment");
+    let list = s.list();
+    let w = &list["restorable-window"];
+    assert_eq!(w["end-is-last-commit"], false, "{w:#}");
+    let gap = &w["gaps"][0];
+    assert!(
+        gap["missing"]
+            .as_str()
+            .expect("missing")
+            .starts_with(victim.as_str()),
+        "{w:#}"
+    );
+    assert!(gap.get("resumes-at").is_none(), "{w:#}");
+    let end = rfc3339_us(w["end"].as_str().expect("end"));
+    assert!(
+        end < newest_commit_us(&s),
+        "the window goes past the gap: {w:#}"
+    );
+    let text = String::from_utf8_lossy(&s.run(&["list"]).stdout).into_owned();
+    assert!(text.contains(&format!("WAL GAP: {victim}")), "{text}");
+
+    // A backup after the gap: the window resumes there.
+    s.pg.exec("INSERT INTO t VALUES (5)");
+    s.backup();
+    s.pg.exec("INSERT INTO t VALUES (6)");
+    let _ = s.archive_now();
+    let w = s.list()["restorable-window"].clone();
+    assert!(w["gaps"][0].get("resumes-at").is_some(), "{w:#}");
+    assert_eq!(w["end-is-last-commit"], true, "{w:#}");
+    assert_eq!(
+        rfc3339_us(w["last-commit"].as_str().expect("last-commit")),
+        newest_commit_us(&s)
+    );
+}
+
+/// Backups B8 and B9 on timeline 1; a restore to a time between them forks
+/// timeline 2; C1 is timeline 2's first backup. prune, with the clock moved
+/// so that the window starts between B9's end and C1's end, keeps B8 (which
+/// timeline 2 descends from), not B9 (after the fork), and a point of
+/// timeline 2 before C1 still restores.
+#[test]
+fn retention_after_a_restore_keeps_what_the_live_timeline_needs() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file_with(&bin, &["track_commit_timestamp = on"]);
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY)");
+    let b8 = s.backup()["id"].as_str().expect("id").to_owned();
+    for i in 1..=3 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({i})"));
+    }
+    let mid =
+        s.pg.sql("SELECT (pg_last_committed_xact()).timestamp::text");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for i in 4..=6 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({i})"));
+    }
+    let b9 = s.backup()["id"].as_str().expect("id").to_owned();
+    s.pg.exec("INSERT INTO t VALUES (7)");
+    let _ = s.archive_now();
+
+    // The restore that replaces production: timeline 2.
+    let r1 = Restored::new(&bin);
+    ok(
+        &r1.pgrestore(
+            &s,
+            &[
+                "--target-time",
+                &mid,
+                "--start",
+                "--target-action",
+                "promote",
+                "--new-primary",
+            ],
+        ),
+        "restore to between B8 and B9",
+    );
+    s.pg.stop();
+    r1.sql("INSERT INTO t VALUES (101)");
+    let t101 = r1.sql("SELECT (pg_last_committed_xact()).timestamp::text");
+    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    let archived = || r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+    pitr_tests::wait_for(
+        "timeline 2 to archive",
+        std::time::Duration::from_secs(60),
+        || (archived() >= last).then_some(()),
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let on_r1 = |args: &[&str]| {
+        let mut cmd = pitr_tests::bins::agent_cmd(pitr_tests::RunAs::test_user());
+        cmd.args(["--repo", &s.repo])
+            .env("PGHOST", &r1.socket)
+            .env("PGPORT", r1.port.to_string())
+            .env("PGUSER", "postgres")
+            .args(args);
+        cmd.output().expect("run pitr-agent")
+    };
+    let out = on_r1(&["backup", "--json"]);
+    ok(&out, "C1, timeline 2's first backup");
+    let c1: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let c1 = c1["id"].as_str().expect("id").to_owned();
+    r1.sql("INSERT INTO t VALUES (102)");
+    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    pitr_tests::wait_for(
+        "timeline 2 to archive",
+        std::time::Duration::from_secs(60),
+        || (archived() >= last).then_some(()),
+    );
+    drop(r1);
+
+    let backups = s.list()["backups"].clone();
+    let end_of = |id: &str| -> i64 {
+        let b = backups
+            .as_array()
+            .expect("backups")
+            .iter()
+            .find(|b| b["id"] == id)
+            .expect("listed");
+        rfc3339_us(b["stop-time"].as_str().expect("stop-time"))
+    };
+    let cutoff = (end_of(&b9) + end_of(&c1)) / 2;
+    let now = humantime::format_rfc3339_micros(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_micros((cutoff + 86_400_000_000).unsigned_abs()),
+    )
+    .to_string();
+    let out = s.run(&["prune", "--retain-days", "1", "--now", &now]);
+    ok(&out, "prune with the clock a day on");
+    let kept: Vec<String> = s.backup_ids();
+    assert!(
+        kept.contains(&b8),
+        "B8, which timeline 2 descends from, was deleted: {kept:?}"
+    );
+    assert!(kept.contains(&c1) && !kept.contains(&b9), "{kept:?}");
+
+    // A point of timeline 2 before C1 still restores.
+    let r = Restored::new(&bin);
+    ok(
+        &r.pgrestore(
+            &s,
+            &[
+                "--target-time",
+                &t101,
+                "--start",
+                "--target-action",
+                "pause",
+            ],
+        ),
+        "restore timeline 2 before its first backup",
+    );
+    assert_eq!(ids(&r), "1,2,3,101");
+}
