@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
 use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow, micros_to_time};
-use crate::wal::summary::{PathFacts, path_facts};
+use crate::wal::summary::{PathFacts, XactPoint, path_facts};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName, WalIndex};
 
 /// Segments of local room a restore keeps beside the backup's files: the
@@ -510,6 +510,7 @@ impl RestorePlan {
         &mut self,
         req: &PlanRequest,
         facts: &PathFacts,
+        archive_last_commit: Option<&XactPoint>,
     ) -> Result<(), PlanError> {
         let time = |us: i64| TargetTime::from_system_time(micros_to_time(us)).to_string();
         self.wal_summarized = facts.summarized;
@@ -562,11 +563,12 @@ impl RestorePlan {
             }
         } else if facts.last_summarized {
             match &req.target {
-                // Only when no segment after the newest commit lacks a
-                // summary: one that does may hold a later commit.
-                RecoveryTarget::Time(_) if !facts.nothing_unknown_after_last_commit => {}
-                RecoveryTarget::Time(t) => match &facts.last_commit {
-                    Some(c) if c.time_us < t.micros => {
+                // The newest commit of the whole archive on this plan's
+                // timeline (not of the segments up to the target: which
+                // segment was stored after a time says little when archiving
+                // was slow).
+                RecoveryTarget::Time(t) => match archive_last_commit {
+                    Some(c) if c.time_us < t.micros && c.lsn >= self.backup.stop_lsn => {
                         self.notes.push(format!(
                             "nothing was committed between {} and the target; recovering to that \
                              last commit (transaction {}, LSN {})",
@@ -577,7 +579,7 @@ impl RestorePlan {
                         // Its transaction id: PostgreSQL stops right after it
                         // and reports it as the last replayed transaction. An
                         // id reused after wraparound stops earlier, which the
-                        // replay check below catches.
+                        // replay check catches.
                         self.recover_to = if c.xid != 0 {
                             RecoveryTarget::Xid(u64::from(c.xid))
                         } else {
@@ -585,15 +587,15 @@ impl RestorePlan {
                         };
                         self.expected_end = Some(c.end);
                     }
-                    None => {
-                        self.notes.push(
-                            "nothing was committed between the backup's end and the target; \
-                             recovering to the backup's end"
-                                .to_owned(),
-                        );
+                    Some(c) if c.time_us < t.micros => {
+                        self.notes.push(format!(
+                            "nothing was committed between {} (before the backup's end) and the \
+                             target; recovering to the backup's end",
+                            time(c.time_us)
+                        ));
                         self.recover_to = RecoveryTarget::Immediate;
                     }
-                    Some(_) => {}
+                    _ => {}
                 },
                 RecoveryTarget::Latest => {
                     if let Some(l) = facts.last_complete {
@@ -659,7 +661,13 @@ pub async fn plan_restore(
         .iter()
         .map(|n| (n.clone(), found.get(n)))
         .collect();
-    plan.apply_wal_facts(req, &path_facts(&path))?;
+    // The archive's newest commit, when it lies on this plan's timeline.
+    let archive_last = catalog.archive_end.as_ref().and_then(|e| {
+        let c = e.last_commit.as_ref()?;
+        let seg = e.last_commit_segment.as_ref()?;
+        (e.resolved && index.descends(plan.timeline, seg.timeline(), c.lsn)).then_some(c)
+    });
+    plan.apply_wal_facts(req, &path_facts(&path), archive_last)?;
     Ok(plan)
 }
 

@@ -1090,14 +1090,17 @@ fn archiving_and_backups_through_a_flaky_s3_lose_nothing() {
     }
     let r = Restored::new(&bin);
     let t2 = src.time_between(2);
-    ok(
-        &r.pgrestore(
-            &src,
-            &["--target-time", &t2, "--start", "--target-action", "pause"],
-        ),
-        "PITR restore after the flaky run",
+    let out = r.pgrestore(
+        &src,
+        &["--target-time", &t2, "--start", "--target-action", "pause"],
     );
-    assert_eq!(r.ids(), ids(1..=2), "the target, exactly");
+    ok(&out, "PITR restore after the flaky run");
+    assert_eq!(
+        r.ids(),
+        ids(1..=2),
+        "the target, exactly:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Issue 12: archiving, two backups, verify and a PITR restore, every
