@@ -23,11 +23,12 @@ pub struct RepoArgs {
     /// S3 region [default: AWS_REGION, else us-east-1].
     #[arg(long, env = "PITR_S3_REGION", global = true)]
     pub s3_region: Option<String>,
-    /// Address buckets by path (endpoint/bucket), as MinIO and Ceph usually need.
-    #[arg(long, env = "PITR_S3_FORCE_PATH_STYLE", global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// Address buckets by path (endpoint/bucket), as MinIO and Ceph usually
+    /// need. A plain switch; `--s3-force-path-style=false` turns it off.
+    #[arg(long, env = "PITR_S3_FORCE_PATH_STYLE", global = true, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub s3_force_path_style: bool,
     /// Timeout for one S3 request attempt, e.g. 30s.
-    #[arg(long, env = "PITR_S3_TIMEOUT", global = true, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_S3_TIMEOUT", global = true, value_parser = crate::cli::parse_duration)]
     pub s3_timeout: Option<Duration>,
     /// Attempts per S3 request, the first included.
     #[arg(long, env = "PITR_S3_MAX_ATTEMPTS", global = true)]
@@ -41,6 +42,9 @@ impl RepoArgs {
     /// A malformed URL or an unusable local directory.
     pub async fn open(&self) -> Result<Repository, StorageError> {
         let url = RepoUrl::parse(&self.repo)?;
+        if let Some(e) = self.s3_endpoint.as_deref().filter(|e| !e.is_empty()) {
+            crate::storage::check_endpoint(e)?;
+        }
         let options = S3Options {
             endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
             region: self.s3_region.clone().filter(|r| !r.is_empty()),
@@ -65,10 +69,10 @@ impl RepoArgs {
         if let Some(r) = &self.s3_region {
             args.extend(["--s3-region".to_owned(), r.clone()]);
         }
-        args.extend([
-            "--s3-force-path-style".to_owned(),
-            self.s3_force_path_style.to_string(),
-        ]);
+        args.push(format!(
+            "--s3-force-path-style={}",
+            self.s3_force_path_style
+        ));
         if let Some(t) = self.s3_timeout {
             args.extend([
                 "--s3-timeout".to_owned(),
@@ -100,6 +104,51 @@ impl RepoArgs {
     }
 }
 
+/// Parses a duration flag: humantime's forms, with an example in the error
+/// instead of humantime's "expected number at 0".
+///
+/// # Errors
+/// Not a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|_| "not a duration; write it as 90s, 5m, 1h30m or 2d".to_owned())
+}
+
+/// An error's chain on one line, each cause once: a cause whose text the
+/// line already holds (an io::Error a wrapper quoted) is not repeated.
+#[must_use]
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Parses a whole-number flag, with an example in the error instead of
+/// "invalid digit found in string".
+///
+/// # Errors
+/// Not a non-negative whole number.
+pub fn parse_count<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.trim().parse().map_err(|_| {
+        if text.trim_end_matches(|c: char| c.is_ascii_alphabetic()) != text
+            && text.chars().next().is_some_and(|c| c.is_ascii_digit())
+        {
+            format!("a plain whole number without a unit, such as 7 (not {text:?})")
+        } else {
+            "not a whole number; write it as digits, such as 7".to_owned()
+        }
+    })
+}
+
 /// Log to stderr. `PITR_LOG` takes an `EnvFilter` directive; `PITR_LOG_FORMAT=json`
 /// switches to JSON lines for log collectors.
 pub fn init_tracing(default_level: &str) {
@@ -110,9 +159,14 @@ pub fn init_tracing(default_level: &str) {
             "{default_level},aws_config=error,aws_runtime=error,aws_smithy_runtime=error"
         ))
     });
+    // Colour only on a terminal: wal-fetch's warnings land in PostgreSQL's
+    // log and the daemon's in `kubectl logs`, where escape codes are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false);
     let json = std::env::var("PITR_LOG_FORMAT").is_ok_and(|f| f == "json");
     let _ = if json {
@@ -149,7 +203,7 @@ where
     match runtime.block_on(work) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
+            eprintln!("{name}: error: {}", error_line(&e));
             std::process::ExitCode::from(fatal)
         }
     }
@@ -200,6 +254,19 @@ pub(crate) async fn wait_for_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(20);
+        let e = anyhow::Error::new(io).context(format!(
+            "cannot use /tmp/x: {}",
+            std::io::Error::from_raw_os_error(20)
+        ));
+        let line = super::error_line(&e);
+        assert_eq!(line.matches("Not a directory").count(), 1, "{line}");
+        let e = anyhow::anyhow!("bottom").context("middle").context("top");
+        assert_eq!(super::error_line(&e), "top: middle: bottom");
+    }
+
     use super::*;
 
     #[test]

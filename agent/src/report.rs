@@ -337,9 +337,9 @@ pub fn verify_text(r: &VerifyReport) -> String {
         .count();
     let _ = writeln!(
         out,
-        "verified {} backups ({} files, {} read) and {} WAL segments ({} WAL objects read back{}): \
+        "verified {} ({} files, {} read) and {} WAL segments ({} WAL objects read back{}): \
          {} errors, {} warnings",
-        r.backups_checked.len(),
+        plural(r.backups_checked.len(), "backup"),
         r.files_checked,
         bytes(r.bytes_read),
         r.wal_segments_checked,
@@ -384,6 +384,15 @@ pub fn plan_text(plan: &RetentionPlan, dry_run: bool) -> String {
         out.push_str("nothing to prune\n");
     }
     out
+}
+
+/// `1 backup`, `2 backups`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 #[cfg(test)]

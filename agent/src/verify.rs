@@ -172,7 +172,19 @@ pub async fn verify(
             });
         }
     }
-    for inc in &catalog.incomplete {
+    for inc in catalog.incomplete.iter().filter(|i| i.damaged_record) {
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            subject: inc.id.to_string(),
+            message: format!(
+                "{}; the backup does not count for restores until its record is readable: its \
+                 data may be intact, and prune never removes it. Take a new backup, then remove \
+                 this one by hand once it is not needed",
+                inc.reason
+            ),
+        });
+    }
+    for inc in catalog.incomplete.iter().filter(|i| !i.damaged_record) {
         report.findings.push(Finding {
             severity: Severity::Warning,
             subject: inc.id.to_string(),

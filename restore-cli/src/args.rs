@@ -26,7 +26,7 @@ pub(crate) struct RestoreArgs {
     #[arg(long)]
     pub(crate) target_lsn: Option<Lsn>,
     /// Recover to the commit of this transaction id.
-    #[arg(long)]
+    #[arg(long, value_parser = pitr_agent::cli::parse_count::<u64>)]
     pub(crate) target_xid: Option<u64>,
     /// Recover to this restore point (pg_create_restore_point).
     #[arg(long)]
@@ -71,7 +71,7 @@ pub(crate) struct RestoreArgs {
     #[arg(long, default_value = "/tmp")]
     pub(crate) socket_dir: PathBuf,
     /// How long --start waits for recovery.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = pitr_agent::cli::parse_duration)]
     pub(crate) start_timeout: Duration,
     #[command(flatten)]
     pub(crate) pg: PgArgs,

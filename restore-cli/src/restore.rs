@@ -202,7 +202,8 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         reached = Some(r);
     } else {
         say(&format!(
-            "pgrestore: start PostgreSQL on {} to recover (or rerun with --start)",
+            "pgrestore: to recover, start PostgreSQL on it as the user that owns it: pg_ctl -D {0} \
+             -l {0}/recovery.log start",
             dir.display()
         ));
     }

@@ -248,6 +248,10 @@ pub struct Incomplete {
     pub objects: Vec<ObjectMeta>,
     /// Why it does not count: missing or unreadable record.
     pub reason: String,
+    /// Its `backup.json` exists but cannot be used (damaged, another
+    /// backup's, or a newer format): a complete backup whose record needs
+    /// attention, never debris for prune.
+    pub damaged_record: bool,
 }
 
 /// One archived WAL object.
@@ -471,6 +475,7 @@ impl Catalog {
                     id,
                     objects,
                     reason: "no backup.json: the backup was interrupted or is still running".into(),
+                    damaged_record: false,
                 });
                 continue;
             };
@@ -493,6 +498,7 @@ impl Catalog {
                     id,
                     objects,
                     reason: format!("backup.json names another backup ({})", record.id),
+                    damaged_record: true,
                 }),
                 Ok(record) => catalog.incomplete.push(Incomplete {
                     id,
@@ -501,11 +507,13 @@ impl Catalog {
                         "backup.json format {} is newer than this pitr-agent reads; upgrade",
                         record.format
                     ),
+                    damaged_record: true,
                 }),
                 Err(e) => catalog.incomplete.push(Incomplete {
                     id,
                     objects,
                     reason: format!("backup.json is unreadable: {e}"),
+                    damaged_record: true,
                 }),
             }
         }

@@ -185,6 +185,7 @@ impl RetentionPlan {
         let delete_debris = catalog
             .incomplete
             .iter()
+            .filter(|inc| !inc.damaged_record)
             .filter(|inc| {
                 inc.id
                     .time()
@@ -420,16 +421,19 @@ mod tests {
         c.backups.clear();
         let old = BackupId::at(at(20));
         let fresh = BackupId::at(at(22) - Duration::from_secs(60));
-        for id in [&old, &fresh] {
+        let damaged = BackupId::at(at(19));
+        for (id, damaged_record) in [(&old, false), (&fresh, false), (&damaged, true)] {
             c.incomplete.push(Incomplete {
                 id: id.clone(),
                 objects: vec![],
                 reason: String::new(),
+                damaged_record,
             });
         }
         let plan = RetentionPlan::compute(&c, &index_of(&c), &policy(Some(1), None), at(22))
             .expect("plan");
         assert!(plan.delete_backups.is_empty() && plan.delete_wal.is_empty());
+        // A damaged record of a complete backup is never debris.
         assert_eq!(plan.delete_debris, vec![old]);
     }
 

@@ -17,8 +17,10 @@ use crate::wal::WalFileName;
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
     /// Record this data directory's cluster as the owner [default: none yet;
-    /// the first wal-push or backup claims the repository].
-    #[arg(long, env = "PGDATA")]
+    /// the first wal-push or backup claims the repository]. It must hold
+    /// global/pg_control. Not read from PGDATA: an init container runs
+    /// before initdb, and leaves the claim to the first push.
+    #[arg(long)]
     pub pgdata: Option<PathBuf>,
 }
 
@@ -32,8 +34,19 @@ impl InitArgs {
         let cluster = match &self.pgdata {
             Some(dir) => match crate::pgdata::system_identifier(dir) {
                 Ok(id) => Some(id),
-                // An init container runs before initdb: the first push claims it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    anyhow::bail!(
+                        "--pgdata {}: no global/pg_control there, so it is not a PostgreSQL data \
+                         directory (or initdb has not run yet); give the data directory, or leave \
+                         --pgdata out and the first wal-push or backup claims the repository",
+                        dir.display()
+                    );
+                }
                 Err(e) => {
                     return Err(e).with_context(|| {
                         format!("cannot read {}", dir.join("global/pg_control").display())
@@ -175,7 +188,7 @@ pub struct WalFetchArgs {
     pub spool: Option<PathBuf>,
     /// How long to retry a repository that times out or answers 5xx before
     /// exiting 128, which stops recovery (exit 1 means only "not in the repository").
-    #[arg(long, env = "PITR_FETCH_RETRY_FOR", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_FETCH_RETRY_FOR", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub retry_for: Duration,
 }
 

@@ -105,7 +105,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub backup: Option<BackupId>,
     /// An error when the newest backup is older than this, e.g. 26h.
-    #[arg(long, env = "PITR_VERIFY_MAX_AGE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", value_parser = crate::cli::parse_duration)]
     pub max_age: Option<Duration>,
     /// Exit 1 on warnings too (incomplete backups, old uploads), not only on errors.
     #[arg(long, env = "PITR_VERIFY_STRICT")]
@@ -157,13 +157,13 @@ impl VerifyArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetentionArgs {
     /// Keep the newest N backups.
-    #[arg(long, env = "PITR_RETAIN_FULL")]
+    #[arg(long, env = "PITR_RETAIN_FULL", value_parser = crate::cli::parse_count::<usize>)]
     pub retain_full: Option<usize>,
     /// Keep every point of the last D days restorable.
-    #[arg(long, env = "PITR_RETAIN_DAYS")]
+    #[arg(long, env = "PITR_RETAIN_DAYS", value_parser = crate::cli::parse_count::<u32>)]
     pub retain_days: Option<u32>,
     /// Incomplete backups and temp files younger than this are left alone (they may be running).
-    #[arg(long, env = "PITR_DEBRIS_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_DEBRIS_GRACE", default_value = "24h", value_parser = crate::cli::parse_duration)]
     pub debris_grace: Duration,
 }
 

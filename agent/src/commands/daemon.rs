@@ -29,13 +29,13 @@ pub struct DaemonArgs {
     #[arg(long, env = "PITR_PRUNE_SCHEDULE", default_value = "")]
     pub prune_schedule: String,
     /// How often figures are re-read from the repository and PostgreSQL.
-    #[arg(long, env = "PITR_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_REFRESH", default_value = "60s", value_parser = crate::cli::parse_duration)]
     pub refresh: Duration,
     /// The data directory, for the .ready backlog [default: none].
     #[arg(long, env = "PGDATA")]
     pub pgdata: Option<std::path::PathBuf>,
     /// Scheduled verify: an error when the newest backup is older than this.
-    #[arg(long, env = "PITR_VERIFY_MAX_AGE", default_value = "26h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_VERIFY_MAX_AGE", default_value = "26h", value_parser = crate::cli::parse_duration)]
     pub max_age: Duration,
     /// Stream WAL over the replication protocol as it is written (on/off).
     #[arg(long, env = "PITR_STREAM", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = "off", hide_possible_values = true)]
@@ -45,7 +45,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "PITR_STREAM_SLOT", default_value = crate::stream::DEFAULT_SLOT)]
     pub stream_slot: String,
     /// Async stream: how often the segment being written is stored.
-    #[arg(long, env = "PITR_STREAM_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_STREAM_FLUSH", default_value = "5s", value_parser = crate::cli::parse_duration)]
     pub stream_flush: Duration,
     /// Sync stream: store new WAL at once. With synchronous_standby_names =
     /// 'pitr_agent', a commit returns only once it is in the repository.

@@ -35,10 +35,10 @@ pub struct RehearseSettings {
     pub heapallindexed: bool,
     /// The restore time you promise (RTO): a rehearsal whose restore and
     /// replay take longer fails, and PitrRestoreTooSlow fires.
-    #[arg(long, env = "PITR_RTO_OBJECTIVE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PITR_RTO_OBJECTIVE", value_parser = crate::cli::parse_duration)]
     pub rto_objective: Option<Duration>,
     /// Give up on replay after this long.
-    #[arg(long = "rehearse-timeout", env = "PITR_REHEARSE_TIMEOUT", default_value = "2h", value_parser = humantime::parse_duration)]
+    #[arg(long = "rehearse-timeout", env = "PITR_REHEARSE_TIMEOUT", default_value = "2h", value_parser = crate::cli::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -148,6 +148,43 @@ impl RepoUrl {
     }
 }
 
+/// Checks an S3 endpoint URL: `http` or `https`, a host, no credentials
+/// (they would be repeated in every message that names the endpoint).
+///
+/// # Errors
+/// [`StorageError::InvalidEndpoint`], never repeating credentials.
+pub fn check_endpoint(endpoint: &str) -> Result<(), StorageError> {
+    let bad = |shown: &str, reason: &str| StorageError::InvalidEndpoint {
+        endpoint: shown.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = match url::Url::parse(endpoint) {
+        Ok(url) => url,
+        Err(_) if !endpoint.contains("://") => {
+            return Err(bad(endpoint, "no scheme (http:// or https://)"));
+        }
+        Err(e) => return Err(bad(endpoint, &e.to_string())),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        let mut shown = url.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+        return Err(bad(
+            shown.as_str(),
+            "credentials do not belong in the endpoint; set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or IRSA) instead",
+        ));
+    }
+    if !matches!(url.scheme(), "http" | "https") {
+        // `127.0.0.1:9000` parses as scheme "127.0.0.1".
+        return Err(bad(endpoint, "the scheme must be http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad(endpoint, "no host"));
+    }
+    Ok(())
+}
+
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -209,6 +246,31 @@ pub enum StorageError {
         detail: String,
         /// What to check.
         hint: &'static str,
+    },
+    /// `--s3-endpoint` is not a usable URL.
+    #[error(
+        "--s3-endpoint (PITR_S3_ENDPOINT) {endpoint:?}: {reason}; give the store's URL with its \
+         scheme, such as http://minio:9000 or https://s3.example.com"
+    )]
+    InvalidEndpoint {
+        /// The endpoint, without any credentials it carried.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No credentials could be found: permanent until someone sets them.
+    #[error(
+        "no S3 credentials for {location}: tried the environment \
+         (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), the profile (AWS_PROFILE, ~/.aws), a web \
+         identity (IRSA: AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE) and the instance metadata \
+         service; set one of them (and PITR_S3_ENDPOINT for a store that is not AWS). The SDK \
+         said: {detail}"
+    )]
+    NoCredentials {
+        /// The object.
+        location: String,
+        /// The credential chain's last word.
+        detail: String,
     },
     /// The bucket does not exist.
     #[error("bucket {bucket:?} does not exist at {endpoint}; create it or fix the repository URL")]
@@ -568,6 +630,25 @@ mod tests {
             assert!(msg.contains("AWS_ACCESS_KEY_ID"), "{msg}");
             assert!(
                 !msg.contains("s3cr3t-marker") && !msg.contains("AKIAKEY"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoints_need_a_scheme_and_no_credentials() {
+        check_endpoint("http://minio:9000").expect("valid");
+        check_endpoint("https://s3.example.com").expect("valid");
+        for (bad, says) in [
+            ("127.0.0.1:9000", "http://"),
+            ("minio:9000", "http://"),
+            ("ftp://x", "http://"),
+            ("http://KEY:s3cr3t-marker@minio:9000", "credentials"),
+        ] {
+            let msg = check_endpoint(bad).expect_err(bad).to_string();
+            assert!(msg.contains(says) && msg.contains("--s3-endpoint"), "{msg}");
+            assert!(
+                !msg.contains("s3cr3t-marker") && !msg.contains("KEY:"),
                 "{msg}"
             );
         }

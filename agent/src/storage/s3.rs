@@ -558,6 +558,19 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let detail = || error_chain(&err);
+    // A missing credential fails before any request is sent; it is not the
+    // store being down, and waiting does not fix it.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = source {
+        if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+        {
+            return StorageError::NoCredentials {
+                location,
+                detail: error_chain(c),
+            };
+        }
+        source = e.source();
+    }
     match &err {
         SdkError::TimeoutError(_) => StorageError::Unreachable {
             endpoint: endpoint.to_owned(),

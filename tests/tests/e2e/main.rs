@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod daemon;
 mod fetch;
+mod operator;
 mod rehearse;
 mod restore;
 mod stream;

@@ -1,0 +1,232 @@
+//! What a new operator hits first, as a table: each case runs the release
+//! binary as a subprocess and asserts the exit status and that the first
+//! line of stderr names the cause and the fix (a flag, a variable or a
+//! command), never a secret it was given.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pitr_tests::RunAs;
+use pitr_tests::bins::{agent_cmd, pgrestore};
+
+/// One case: what to run, the exit status, words the first line must hold,
+/// words no output may hold.
+struct Case {
+    what: &'static str,
+    cmd: Command,
+    code: i32,
+    says: &'static [&'static str],
+    never: &'static [&'static str],
+}
+
+fn agent(args: &[&str]) -> Command {
+    let mut cmd = agent_cmd(RunAs::test_user());
+    // No credentials anywhere: not in the environment, no profile.
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("HOME", std::env::temp_dir().join("pitr-no-home"))
+        .env_remove("PITR_S3_ENDPOINT")
+        .args(args);
+    cmd
+}
+
+fn restore(args: &[&str]) -> Command {
+    let mut cmd = Command::new(pgrestore());
+    RunAs::test_user().apply(&mut cmd);
+    cmd.current_dir(std::env::temp_dir()).args(args);
+    cmd
+}
+
+#[test]
+fn every_first_error_names_its_cause_and_the_fix() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let file_repo = format!("file://{}/repo", repo.path().display());
+    let cases = vec![
+        Case {
+            what: "an endpoint without a scheme",
+            cmd: agent(&[
+                "--repo",
+                "s3://bkt/p",
+                "--s3-endpoint",
+                "127.0.0.1:9000",
+                "list",
+            ]),
+            code: 2,
+            says: &["--s3-endpoint", "http://"],
+            never: &[],
+        },
+        Case {
+            what: "credentials in the endpoint",
+            cmd: agent(&[
+                "--repo",
+                "s3://bkt/p",
+                "--s3-endpoint",
+                "http://AKIAMARK:s3cr3t-marker@127.0.0.1:9",
+                "list",
+            ]),
+            code: 2,
+            says: &["--s3-endpoint", "AWS_ACCESS_KEY_ID"],
+            never: &["s3cr3t-marker", "AKIAMARK"],
+        },
+        Case {
+            what: "credentials in the repository URL",
+            cmd: agent(&["--repo", "s3://AKIAMARK:s3cr3t-marker@bkt/p", "list"]),
+            code: 2,
+            says: &["AWS_ACCESS_KEY_ID"],
+            never: &["s3cr3t-marker", "AKIAMARK"],
+        },
+        Case {
+            what: "--s3-force-path-style as a bare switch, and no credentials",
+            cmd: agent(&[
+                "--repo",
+                "s3://bkt/p",
+                "--s3-endpoint",
+                "http://127.0.0.1:9",
+                "--s3-force-path-style",
+                "init",
+            ]),
+            code: 2,
+            says: &[
+                "no S3 credentials",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_PROFILE",
+                "IRSA",
+                "PITR_S3_ENDPOINT",
+            ],
+            never: &["invalid value 'init'"],
+        },
+        Case {
+            what: "wal-fetch without credentials: permanent, at once",
+            cmd: agent(&[
+                "--repo",
+                "s3://bkt/p",
+                "--s3-endpoint",
+                "http://127.0.0.1:9",
+                "wal-fetch",
+                "000000010000000000000001",
+                "/tmp/pitr-never-written",
+            ]),
+            code: 128,
+            says: &["no S3 credentials"],
+            never: &["retrying"],
+        },
+        Case {
+            what: "a transaction id that is not a number",
+            cmd: restore(&["--target-xid", "abc", "--pgdata", "/tmp/pitr-x"]),
+            code: 2,
+            says: &["--target-xid", "such as 7"],
+            never: &["invalid digit"],
+        },
+        Case {
+            what: "days with a unit",
+            cmd: agent(&["--repo", &file_repo, "prune", "--retain-days", "7d"]),
+            code: 2,
+            says: &["--retain-days", "without a unit"],
+            never: &["invalid digit"],
+        },
+        Case {
+            what: "a timeout that is not a duration",
+            cmd: restore(&[
+                "--start-timeout",
+                "forever",
+                "--target",
+                "latest",
+                "--pgdata",
+                "/tmp/pitr-x",
+            ]),
+            code: 2,
+            says: &["--start-timeout", "90s"],
+            never: &["expected number"],
+        },
+        Case {
+            what: "init --pgdata that is not a data directory",
+            cmd: agent(&[
+                "--repo",
+                &file_repo,
+                "init",
+                "--pgdata",
+                "/nonexistent/data",
+            ]),
+            code: 2,
+            says: &["--pgdata", "global/pg_control"],
+            never: &[],
+        },
+    ];
+    for mut case in cases {
+        let started = Instant::now();
+        let out = case.cmd.output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let all = format!("{}{stderr}", String::from_utf8_lossy(&out.stdout));
+        let first = stderr.lines().next().unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(case.code),
+            "{}: {stderr}",
+            case.what
+        );
+        for word in case.says {
+            assert!(
+                first.contains(word),
+                "{}: the first line lacks {word:?}: {first}",
+                case.what
+            );
+        }
+        for word in case.never {
+            assert!(
+                !all.contains(word),
+                "{}: the output holds {word:?}: {all}",
+                case.what
+            );
+        }
+        assert!(
+            !all.contains('\u{1b}'),
+            "{}: colour codes in a pipe: {all:?}",
+            case.what
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}: took {:?}",
+            case.what,
+            started.elapsed()
+        );
+    }
+    assert!(
+        !repo.path().join("repo").exists(),
+        "a failed command created the repository"
+    );
+}
+
+/// wal-fetch's warnings go into PostgreSQL's log: no colour codes when
+/// stderr is not a terminal.
+#[test]
+fn warnings_in_a_pipe_carry_no_colour() {
+    let out = agent(&[
+        "--repo",
+        "s3://bkt/p",
+        "--s3-endpoint",
+        "http://127.0.0.1:9",
+        "wal-fetch",
+        "--retry-for",
+        "2s",
+        "000000010000000000000001",
+        "/tmp/pitr-never-written",
+    ])
+    .env("AWS_ACCESS_KEY_ID", "test")
+    .env("AWS_SECRET_ACCESS_KEY", "test")
+    .env("PITR_S3_MAX_ATTEMPTS", "1")
+    .output()
+    .expect("run wal-fetch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128), "{stderr}");
+    assert!(stderr.contains("WARN"), "a retry warning: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+}
