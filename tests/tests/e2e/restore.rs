@@ -181,7 +181,7 @@ impl Restored {
     }
 
     /// Switches WAL and waits until the restored cluster archived it.
-    fn archive_now(&self) {
+    pub(crate) fn archive_now(&self) {
         let last = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
         wait_for("the restored cluster to archive", ARCHIVE_TIMEOUT, || {
             let archived = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");

@@ -364,15 +364,7 @@ fn a_copy_never_poisons_its_source_and_a_divergence_is_named() {
         "restore with --new-primary",
     );
     wrong.sql("INSERT INTO t VALUES (2000)");
-    let last = wrong.sql("SELECT pg_walfile_name(pg_switch_wal())");
-    pitr_tests::wait_for(
-        "the second primary to archive",
-        std::time::Duration::from_secs(60),
-        || {
-            (wrong.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") >= last)
-                .then_some(())
-        },
-    );
+    wrong.archive_now();
     drop(wrong);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     s.pg.exec("INSERT INTO t VALUES (6)");
@@ -498,13 +490,7 @@ fn retention_after_a_restore_keeps_what_the_live_timeline_needs() {
     s.pg.stop();
     r1.sql("INSERT INTO t VALUES (101)");
     let t101 = r1.sql("SELECT (pg_last_committed_xact()).timestamp::text");
-    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
-    let archived = || r1.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-    pitr_tests::wait_for(
-        "timeline 2 to archive",
-        std::time::Duration::from_secs(60),
-        || (archived() >= last).then_some(()),
-    );
+    r1.archive_now();
     std::thread::sleep(std::time::Duration::from_secs(1));
     let on_r1 = |args: &[&str]| {
         let mut cmd = pitr_tests::bins::agent_cmd(pitr_tests::RunAs::test_user());
@@ -520,12 +506,7 @@ fn retention_after_a_restore_keeps_what_the_live_timeline_needs() {
     let c1: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let c1 = c1["id"].as_str().expect("id").to_owned();
     r1.sql("INSERT INTO t VALUES (102)");
-    let last = r1.sql("SELECT pg_walfile_name(pg_switch_wal())");
-    pitr_tests::wait_for(
-        "timeline 2 to archive",
-        std::time::Duration::from_secs(60),
-        || (archived() >= last).then_some(()),
-    );
+    r1.archive_now();
     drop(r1);
 
     let backups = s.list()["backups"].clone();
