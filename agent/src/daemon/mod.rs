@@ -80,6 +80,10 @@ struct Shared {
     /// One rehearsal at a time; rehearsals never wait for (or block) backups.
     rehearse_lock: tokio::sync::Mutex<()>,
     last_failed_count: Mutex<Option<i64>>,
+    /// What was wrong with the repository at the last refresh, logged once
+    /// each time it changes (a missing repository answers `/readyz` 503
+    /// and would otherwise be silent).
+    repo_problem: Mutex<Option<String>>,
     /// Kubernetes Events on our pod, when running in one.
     events: Option<EventRecorder>,
     /// Set once the first refresh has read the repository. Until then the
@@ -116,6 +120,7 @@ pub async fn run(
         job_lock: tokio::sync::Mutex::new(()),
         rehearse_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
+        repo_problem: Mutex::new(None),
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
         records: RecordCache::default(),
@@ -190,6 +195,22 @@ async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// Re-reads the repository and PostgreSQL into the metrics and status.
 async fn refresh(shared: &Shared) {
     let now = SystemTime::now();
+    let problem = shared.repo.owner().await.err().map(|e| e.to_string());
+    {
+        let mut last = lock(&shared.repo_problem);
+        if *last != problem {
+            match &problem {
+                Some(p) => {
+                    tracing::error!(repository = %shared.repo.url, problem = %p, "the repository is not usable; /readyz answers 503 until it is")
+                }
+                None if last.is_some() => {
+                    tracing::info!(repository = %shared.repo.url, "the repository is usable again")
+                }
+                None => {}
+            }
+            last.clone_from(&problem);
+        }
+    }
     match Catalog::load_cached(&shared.repo.storage, &shared.records).await {
         Ok(mut catalog) => {
             // The window ends at the newest commit, read from the WAL summaries.

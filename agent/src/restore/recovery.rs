@@ -284,6 +284,18 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
                     tail(&log, 8)
                 )));
             }
+            if log.contains("could not bind")
+                || log.contains("already in use")
+                || log.contains("lock file")
+            {
+                return Err(StartError::Failed(format!(
+                    "PostgreSQL could not start: port {} or the socket directory {} is taken by \
+                     another server; choose a free --port or another --socket-dir. Server log:\n{}",
+                    cfg.port,
+                    cfg.socket_dir.display(),
+                    tail(&log, 6)
+                )));
+            }
             return Err(StartError::Failed(format!(
                 "PostgreSQL stopped during recovery. Server log:\n{}",
                 tail(&log, 12)
