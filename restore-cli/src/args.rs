@@ -6,7 +6,6 @@ use anyhow::bail;
 use std::time::Duration;
 
 use pitr_agent::catalog::backup::BackupId;
-use pitr_agent::pgconn::PgArgs;
 use pitr_agent::restore::target::{RecoveryTarget, TargetAction, TargetTime, TargetTimeline};
 use pitr_agent::wal::Lsn;
 
@@ -64,17 +63,24 @@ pub(crate) struct RestoreArgs {
     /// Start PostgreSQL and wait until recovery reaches the target.
     #[arg(long)]
     pub(crate) start: bool,
-    /// Port for --start.
-    #[arg(long = "port", default_value_t = 5432)]
-    pub(crate) start_port: u16,
-    /// Unix socket directory for --start.
-    #[arg(long, default_value = "/tmp")]
-    pub(crate) socket_dir: PathBuf,
+    /// Port for --start (it names the Unix socket; no TCP listener)
+    /// [default: a free one, so a host that runs PostgreSQL never collides].
+    #[arg(long = "port")]
+    pub(crate) start_port: Option<u16>,
+    /// Unix socket directory for --start [default: a new private directory
+    /// under the temp directory].
+    #[arg(long)]
+    pub(crate) socket_dir: Option<PathBuf>,
     /// How long --start waits for recovery.
     #[arg(long, default_value = "1h", value_parser = pitr_agent::cli::parse_duration)]
     pub(crate) start_timeout: Duration,
-    #[command(flatten)]
-    pub(crate) pg: PgArgs,
+    /// The database superuser --start connects as, to watch recovery.
+    #[arg(long = "pg-user", env = "PGUSER", default_value = "postgres")]
+    pub(crate) pg_user: String,
+    /// Directory of the PostgreSQL server programs [default: the Debian
+    /// directory of the backup's major version, else PATH].
+    #[arg(long = "pg-bin", env = "PG_BIN")]
+    pub(crate) pg_bin: Option<PathBuf>,
     /// The pitr-agent binary for restore_command [default: beside pgrestore, else PATH].
     #[arg(long, env = "PITR_AGENT")]
     pub(crate) agent: Option<PathBuf>,

@@ -74,6 +74,12 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         args.target_timeline,
     ));
     files::check_free_space(&dir, plan.disk_needed)?;
+    // Where --start listens, checked before anything is downloaded.
+    let start_at = if args.start {
+        files::start_socket(args.start_port, args.socket_dir.as_deref())?
+    } else {
+        (0, std::path::PathBuf::new())
+    };
     if args.dry_run {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -137,20 +143,23 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
 
     let mut reached = None;
     if args.start {
-        let pg = args.pg.resolve();
+        let pg = pitr_agent::pgconn::PgArgs {
+            host: None,
+            port: 5432,
+            user: Some(args.pg_user.clone()),
+            database: "postgres".to_owned(),
+            bin: args.pg_bin.clone(),
+        }
+        .resolve();
         let major = plan.backup.pg_version / 10_000;
         let pg_ctl = pg.program("pg_ctl", major)?;
         let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
         env.extend(repo_args.s3_env());
         let cfg = StartConfig {
             pg_ctl,
-            port: args.start_port,
-            socket_dir: args.socket_dir.clone(),
-            user: args
-                .pg
-                .user
-                .clone()
-                .unwrap_or_else(|| "postgres".to_owned()),
+            port: start_at.0,
+            socket_dir: start_at.1.clone(),
+            user: args.pg_user.clone(),
             timeout: args.start_timeout,
             env,
             action,
@@ -158,8 +167,8 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         };
         say(&format!(
             "pgrestore: starting PostgreSQL {major} on port {} (socket {}), waiting for {target}",
-            args.start_port,
-            args.socket_dir.display()
+            start_at.0,
+            start_at.1.display()
         ));
         let r = match start_and_wait(&dir, &cfg).await {
             Ok(r) => r,

@@ -155,6 +155,48 @@ pub fn check_free_space(dir: &Path, need: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The port and socket directory `pgrestore --start` uses: the ones given,
+/// checked free, else a free port and a new private directory, so that a
+/// restore on a host that already runs PostgreSQL never collides with it.
+///
+/// # Errors
+/// A server already has a socket there, or the directory cannot be made.
+pub fn start_socket(port: Option<u16>, dir: Option<&Path>) -> anyhow::Result<(u16, PathBuf)> {
+    let port = port.unwrap_or_else(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_or(54_329, |a| a.port())
+    });
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let d = std::env::temp_dir().join(format!(
+                "pgrestore-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir(&d).with_context(|| format!("create {}", d.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("make {} private", d.display()))?;
+            }
+            d
+        }
+    };
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let lock = dir.join(format!(".s.PGSQL.{port}.lock"));
+    if socket.exists() || lock.exists() {
+        bail!(
+            "a PostgreSQL server already has its socket {} (port {port}); choose another --port \
+             or --socket-dir, or leave both out and pgrestore picks free ones",
+            socket.display()
+        );
+    }
+    Ok((port, dir))
+}
+
 /// Stops the server on `dir` (fast shutdown), waiting for it; errors are
 /// ignored (the caller is already reporting one).
 pub async fn stop_server(pg_ctl: &Path, dir: &Path) {

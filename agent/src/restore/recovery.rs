@@ -255,7 +255,14 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
         if !running {
             // With log_min_messages above LOG the "shutdown at recovery target"
             // line is missing; a clean stop without FATAL is the same outcome.
-            if cfg.action == TargetAction::Shutdown && !log.contains("FATAL") {
+            // pgrestore's own probe, refused while the server starts, logs a
+            // FATAL of its own: not a failure of recovery.
+            let fatal = log
+                .lines()
+                .any(|l| l.contains("FATAL") && !l.contains("not yet accepting connections"));
+            if cfg.action == TargetAction::Shutdown
+                && (log.contains("shutdown at recovery target") || !fatal)
+            {
                 return Ok(Reached {
                     running: false,
                     log,

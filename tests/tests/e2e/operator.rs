@@ -230,3 +230,62 @@ fn warnings_in_a_pipe_carry_no_colour() {
         "colour codes in a pipe: {stderr:?}"
     );
 }
+
+/// `pgrestore --start` on a host that already runs PostgreSQL: the taken
+/// socket is named before anything is downloaded; by default pgrestore
+/// picks a free port and a private socket directory.
+#[test]
+fn a_taken_socket_is_refused_before_downloading() {
+    let Some(bin) = super::pg_bin() else { return };
+    let s = super::Setup::file(&bin);
+    s.pg.exec("CREATE TABLE t (id int); INSERT INTO t VALUES (1)");
+    s.backup();
+    let target = tempfile::tempdir().expect("tempdir");
+    let data = target.path().join("data");
+    RunAs::test_user().chown_tree(target.path());
+    let port = s.pg.port.to_string();
+    let out = restore(&[
+        "--repo",
+        &s.repo,
+        "--target",
+        "immediate",
+        "--start",
+        "--pgdata",
+    ])
+    .arg(&data)
+    .args(["--port", &port, "--socket-dir"])
+    .arg(s.pg.dir.path())
+    .env("PG_BIN", &bin.dir)
+    .output()
+    .expect("run pgrestore");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already has its socket") && stderr.contains("--port"),
+        "{stderr}"
+    );
+    assert!(
+        !data.exists(),
+        "pgrestore downloaded before checking the socket"
+    );
+    // Left to itself it picks free ones and restores beside the running server.
+    let out = restore(&[
+        "--repo",
+        &s.repo,
+        "--target",
+        "immediate",
+        "--start",
+        "--target-action",
+        "shutdown",
+        "--pgdata",
+    ])
+    .arg(&data)
+    .env("PG_BIN", &bin.dir)
+    .output()
+    .expect("run pgrestore");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
