@@ -148,6 +148,37 @@ impl PgTarget {
         ]
     }
 
+    /// The password for `database` (`replication` for the replication
+    /// protocol), as libpq finds it: `PGPASSWORD`, else the first matching
+    /// line of `PGPASSFILE` or `~/.pgpass` (ignored, with a warning, when
+    /// others may read it).
+    #[must_use]
+    pub fn password(&self, database: &str) -> Option<String> {
+        if let Ok(p) = std::env::var("PGPASSWORD") {
+            return Some(p);
+        }
+        let file = std::env::var_os("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let meta = std::fs::metadata(&file).ok()?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %file.display(), "the password file has group or world access and is ignored, as libpq does; chmod 0600 it");
+                return None;
+            }
+        }
+        let text = std::fs::read_to_string(&file).ok()?;
+        // A Unix-socket host matches `localhost`, as in libpq.
+        let host = if self.host.starts_with('/') {
+            "localhost"
+        } else {
+            self.host.as_str()
+        };
+        pgpass_lookup(&text, host, &self.port.to_string(), database, &self.user)
+    }
+
     /// Opens a control connection named `application_name`.
     ///
     /// # Errors
@@ -161,7 +192,7 @@ impl PgTarget {
             .dbname(&self.database)
             .application_name(application_name)
             .connect_timeout(Duration::from_secs(10));
-        if let Ok(password) = std::env::var("PGPASSWORD") {
+        if let Some(password) = self.password(&self.database) {
             config.password(password);
         }
         let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
@@ -253,6 +284,51 @@ fn program_major(path: &Path) -> Option<u32> {
 }
 
 /// The server's message for a database error, else the error chain.
+/// The password of the first `.pgpass` line that matches: fields
+/// `host:port:database:user:password`, `*` matches anything, `\` escapes
+/// `:` and `\`.
+#[must_use]
+pub fn pgpass_lookup(
+    text: &str,
+    host: &str,
+    port: &str,
+    database: &str,
+    user: &str,
+) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut field = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        field.push(n);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                c => field.push(c),
+            }
+        }
+        fields.push(field);
+        if fields.len() != 5 {
+            continue;
+        }
+        let matches = |pattern: &str, value: &str| pattern == "*" || pattern == value;
+        if matches(&fields[0], host)
+            && matches(&fields[1], port)
+            && matches(&fields[2], database)
+            && matches(&fields[3], user)
+        {
+            return Some(fields.swap_remove(4));
+        }
+    }
+    None
+}
+
 pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
@@ -266,5 +342,30 @@ pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pgpass_lines_match_as_libpq_does() {
+        let text = "# a comment\n\
+                    db.example:5432:odoo:app:first\n\
+                    localhost:*:*:postgres:pa\\:ss\n\
+                    *:*:replication:postgres:repl\n";
+        let find = |h, p, d, u| super::pgpass_lookup(text, h, p, d, u);
+        assert_eq!(
+            find("db.example", "5432", "odoo", "app").as_deref(),
+            Some("first")
+        );
+        assert_eq!(find("db.example", "5433", "odoo", "app"), None);
+        assert_eq!(
+            find("localhost", "5432", "postgres", "postgres").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(
+            find("db.example", "1", "replication", "postgres").as_deref(),
+            Some("repl")
+        );
     }
 }

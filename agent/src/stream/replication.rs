@@ -167,12 +167,17 @@ impl ReplicationConnection {
         )
         .map_err(|e| conn.io_error(&e))?;
         conn.send(&out).await?;
-        conn.authenticate(&pg.user).await?;
+        conn.authenticate(&pg.user, pg.password("replication"))
+            .await?;
         Ok(conn)
     }
 
-    async fn authenticate(&mut self, user: &str) -> Result<(), ReplicationError> {
-        let password = std::env::var("PGPASSWORD").unwrap_or_default();
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<String>,
+    ) -> Result<(), ReplicationError> {
+        let password = password.unwrap_or_default();
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
             let mut out = BytesMut::new();
