@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::target::{RecoveryTarget, TargetTime, TargetTimeline};
-use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow, micros_to_time};
+use crate::catalog::backup::{BackupId, BackupRecord, Catalog, RestorableWindow};
 use crate::wal::summary::{PathFacts, XactPoint, path_facts};
 use crate::wal::{Lsn, SegmentNo, TimelineId, WalFileName, WalIndex};
 
@@ -58,27 +58,30 @@ pub struct RestorePlan {
     pub window: Option<RestorableWindow>,
     /// Things the operator should know.
     pub notes: Vec<String>,
-    /// The target PostgreSQL is given: the one asked for, or the LSN the
-    /// WAL summaries put it at (see [`RestorePlan::apply_wal_facts`]).
-    pub recovery_target: String,
+    /// The target PostgreSQL is given: the one asked for, or where the
+    /// WAL summaries put it (see [`RestorePlan::apply_wal_facts`]).
+    #[serde(rename = "recovery-target", serialize_with = "as_text")]
+    pub recover_to: RecoveryTarget,
     /// Where replay must end for the restore to have reached its target:
     /// checked after recovery.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expected_replay_end: Option<String>,
+    #[serde(
+        rename = "expected-replay-end",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expected_end: Option<Lsn>,
     /// The newest commit replay reaches, from the WAL summaries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_commit: Option<String>,
     /// How many of the segments replayed have a summary.
     pub wal_summarized: u64,
-    /// The target as PostgreSQL is given it.
-    #[serde(skip)]
-    pub recover_to: RecoveryTarget,
     /// The segments replay reads, oldest first.
     #[serde(skip)]
     pub wal_path: Vec<WalFileName>,
-    /// [`RestorePlan::expected_replay_end`] as an LSN.
-    #[serde(skip)]
-    pub expected_end: Option<Lsn>,
+}
+
+/// A value as its `Display` text.
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// Why there is no plan. Each says what to do.
@@ -440,10 +443,6 @@ impl RestorePlan {
                     index.range_text(tl, first, last)
                 ));
             }
-            let wanted: std::collections::HashSet<(TimelineId, SegmentNo)> = (last_in_tar.0
-                ..=end.0)
-                .map(|s| (WalIndex::timeline_for(&path, SegmentNo(s)), SegmentNo(s)))
-                .collect();
             wal_path = (last_in_tar.0..=end.0)
                 .map(|s| {
                     WalFileName::segment(
@@ -453,22 +452,15 @@ impl RestorePlan {
                     )
                 })
                 .collect();
+            let wanted: std::collections::HashSet<&WalFileName> = wal_path.iter().collect();
             for w in &catalog.wal {
-                if let Some(s) = w.name.segment_no(seg)
-                    && wanted.contains(&(w.name.timeline(), s))
-                    && w.name.kind() == crate::wal::WalFileKind::Segment
-                {
+                if wanted.contains(&w.name) {
                     wal_segments += 1;
                     wal_bytes += w.meta.size;
                 }
             }
-            wal_first = Some(
-                WalFileName::segment(WalIndex::timeline_for(&path, last_in_tar), last_in_tar, seg)
-                    .to_string(),
-            );
-            wal_last = Some(
-                WalFileName::segment(WalIndex::timeline_for(&path, end), end, seg).to_string(),
-            );
+            wal_first = wal_path.first().map(ToString::to_string);
+            wal_last = wal_path.last().map(ToString::to_string);
         }
         Ok(RestorePlan {
             disk_needed: backup.raw_bytes + DISK_WAL_SEGMENTS * u64::from(backup.wal_segment_size),
@@ -482,8 +474,6 @@ impl RestorePlan {
             wal_bytes,
             window,
             notes,
-            recovery_target: req.target.to_string(),
-            expected_replay_end: None,
             last_commit: None,
             wal_summarized: 0,
             recover_to: req.target.clone(),
@@ -512,7 +502,13 @@ impl RestorePlan {
         facts: &PathFacts,
         archive_last_commit: Option<&XactPoint>,
     ) -> Result<(), PlanError> {
-        let time = |us: i64| TargetTime::from_system_time(micros_to_time(us)).to_string();
+        let time = |micros: i64| {
+            TargetTime {
+                micros,
+                assumed_utc: false,
+            }
+            .to_string()
+        };
         self.wal_summarized = facts.summarized;
         self.last_commit = facts.last_commit.as_ref().map(|c| time(c.time_us));
         let unsummarized = facts.segments - facts.summarized;
@@ -631,8 +627,6 @@ impl RestorePlan {
                     .to_owned(),
             );
         }
-        self.recovery_target = self.recover_to.to_string();
-        self.expected_replay_end = self.expected_end.map(|l| l.to_string());
         Ok(())
     }
 }

@@ -37,6 +37,8 @@ impl fmt::Display for Lsn {
     }
 }
 
+serde_as_text!(Lsn);
+
 /// Why a string is not an LSN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid LSN {0:?}: expected two hex numbers separated by '/', such as 0/16B3748")]

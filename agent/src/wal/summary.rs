@@ -22,8 +22,6 @@ pub const SUMMARY_FORMAT: u32 = 1;
 /// boundary (commit and restore-point records are far smaller).
 pub const PIECE_KEEP: usize = 64 * 1024;
 
-serde_as_text!(Lsn);
-
 /// A transaction's end, as a restore target sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -222,14 +220,10 @@ pub fn summarize(
         head: None,
         tail: None,
     };
-    let mut counted = Vec::new();
     let read = records::read_segment(data, start, completeness, |r| {
-        counted.push(r.clone());
-    })?;
-    for r in &counted {
         s.records += 1;
         note(&mut s, r);
-    }
+    })?;
     s.page_magic = read.page_magic;
     s.first_record = read.first;
     s.first_prev = read.first_prev;
@@ -376,12 +370,6 @@ pub fn link(prev: &SegmentSummary, next: &SegmentSummary) -> Link {
 }
 
 impl SegmentSummary {
-    /// The record `link` joined, folded into this summary as the segment
-    /// it ends in (for its commit time).
-    pub fn absorb_joined(&mut self, r: &Record) {
-        note(self, r);
-    }
-
     /// The time of the newest commit in it, microseconds since the Unix epoch.
     #[must_use]
     pub fn last_commit_time(&self) -> Option<i64> {
@@ -411,10 +399,6 @@ pub struct PathFacts {
     pub stop: Option<(WalFileName, DamageNote)>,
     /// Restore points replay reaches.
     pub restore_points: Vec<RestorePoint>,
-    /// Whether every segment after the one that holds `last_commit` (all
-    /// of them, without a commit) has a summary: only then is it known
-    /// that nothing was committed after it.
-    pub nothing_unknown_after_last_commit: bool,
 }
 
 /// Folds the summaries of a path's segments, oldest first (`None` where a
@@ -434,11 +418,9 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
             f.archived_last_commit = Some(c.clone());
         }
     };
-    let mut unknown_since_commit = false;
     for (i, (name, s)) in path.iter().enumerate() {
         let Some(s) = *s else {
             prev = None;
-            unknown_since_commit = true;
             continue;
         };
         f.summarized += 1;
@@ -465,7 +447,6 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
                         };
                         later(&mut f, &c);
                         f.last_commit = Some(c);
-                        unknown_since_commit = false;
                     }
                     if let RecordKind::RestorePoint { name, time } = &r.kind {
                         f.restore_points.push(RestorePoint {
@@ -482,7 +463,6 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
         }
         if let Some(c) = &s.last_commit {
             f.last_commit = Some(c.clone());
-            unknown_since_commit = false;
         }
         f.restore_points.extend(s.restore_points.iter().cloned());
         if s.last_complete.is_some() {
@@ -494,6 +474,5 @@ pub fn path_facts(path: &[(WalFileName, Option<&SegmentSummary>)]) -> PathFacts 
         }
         prev = Some(s);
     }
-    f.nothing_unknown_after_last_commit = !unknown_since_commit;
     f
 }
