@@ -2,8 +2,10 @@
 //! programs (`pg_basebackup`) that match the server's major version.
 //!
 //! Settings come from `--pg-*` flags or the standard `PGHOST`, `PGPORT`,
-//! `PGUSER`, `PGPASSWORD` and `PGDATABASE` variables; the same values are
-//! handed to child programs, so both see one server.
+//! `PGUSER`, `PGPASSWORD` and `PGDATABASE` variables, then from the
+//! `PGSERVICE` section of a connection service file, then from libpq's
+//! defaults; the resolved values are handed to child programs, so both see
+//! one server.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,16 +20,21 @@ pub struct PgArgs {
     /// [default: /var/run/postgresql if it exists, else localhost]
     #[arg(long = "pg-host", env = "PGHOST")]
     pub host: Option<String>,
-    /// Server port.
-    #[arg(long = "pg-port", env = "PGPORT", default_value_t = 5432)]
-    pub port: u16,
+    /// Server port. [default: 5432]
+    #[arg(long = "pg-port", env = "PGPORT")]
+    pub port: Option<u16>,
     /// User name; it needs the REPLICATION attribute (or superuser).
     /// [default: the operating-system user]
     #[arg(long = "pg-user", env = "PGUSER")]
     pub user: Option<String>,
-    /// Database for the control connection.
-    #[arg(long = "pg-database", env = "PGDATABASE", default_value = "postgres")]
-    pub database: String,
+    /// Database for the control connection. [default: postgres]
+    #[arg(long = "pg-database", env = "PGDATABASE")]
+    pub database: Option<String>,
+    /// A section of the connection service file (`PGSERVICEFILE`, else
+    /// ~/.pg_service.conf, else `PGSYSCONFDIR`/pg_service.conf) that fills in
+    /// what the flags and variables above leave unset.
+    #[arg(long = "pg-service", env = "PGSERVICE")]
+    pub service: Option<String>,
     /// Directory of the PostgreSQL client programs [default: the Debian
     /// directory of the server's major version, else PATH].
     #[arg(long = "pg-bin", env = "PG_BIN")]
@@ -47,6 +54,8 @@ pub struct PgTarget {
     pub database: String,
     /// Client programs directory, if set.
     pub bin: Option<PathBuf>,
+    /// The password given by the service file, if any.
+    pub service_password: Option<String>,
 }
 
 /// Why PostgreSQL cannot be used.
@@ -97,16 +106,33 @@ pub enum PgError {
         /// The server's.
         major: u32,
     },
+    /// `PGSERVICE` names a section that no service file has.
+    #[error(
+        "no connection service \"{name}\" in {tried}; add a [{name}] section there, set \
+         PGSERVICEFILE to the file that has it, or unset PGSERVICE"
+    )]
+    NoService {
+        /// The section.
+        name: String,
+        /// The files read.
+        tried: String,
+    },
 }
 
 impl PgArgs {
-    /// Applies libpq's defaults.
-    #[must_use]
-    pub fn resolve(&self) -> PgTarget {
-        let host = self
-            .host
-            .clone()
-            .filter(|h| !h.is_empty())
+    /// Applies the service file, then libpq's defaults.
+    ///
+    /// # Errors
+    /// [`PgError::NoService`] when `PGSERVICE` names a section no service
+    /// file has.
+    pub fn resolve(&self) -> Result<PgTarget, PgError> {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let mut service = match given(&self.service) {
+            Some(name) => service_settings(&name)?,
+            None => std::collections::HashMap::new(),
+        };
+        let host = given(&self.host)
+            .or_else(|| service.remove("host"))
             .unwrap_or_else(|| {
                 if Path::new("/var/run/postgresql").is_dir() {
                     "/var/run/postgresql".to_owned()
@@ -114,20 +140,87 @@ impl PgArgs {
                     "localhost".to_owned()
                 }
             });
-        let user = self
-            .user
-            .clone()
-            .filter(|u| !u.is_empty())
+        let port = self
+            .port
+            .or_else(|| service.get("port").and_then(|p| p.parse().ok()))
+            .unwrap_or(5432);
+        let user = given(&self.user)
+            .or_else(|| service.remove("user"))
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".to_owned());
-        PgTarget {
+        let database = given(&self.database)
+            .or_else(|| service.remove("dbname"))
+            .unwrap_or_else(|| "postgres".to_owned());
+        Ok(PgTarget {
             host,
-            port: self.port,
+            port,
             user,
-            database: self.database.clone(),
+            database,
             bin: self.bin.clone(),
+            service_password: service.remove("password"),
+        })
+    }
+}
+
+/// The settings of section `name` of the first service file that has it,
+/// searched as libpq does: `PGSERVICEFILE` (else `~/.pg_service.conf`), then
+/// `PGSYSCONFDIR/pg_service.conf` (else Debian's
+/// `/etc/postgresql-common/pg_service.conf`).
+fn service_settings(name: &str) -> Result<std::collections::HashMap<String, String>, PgError> {
+    let user_file = std::env::var_os("PGSERVICEFILE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pg_service.conf")));
+    let system_file = std::env::var_os("PGSYSCONFDIR")
+        .map_or_else(|| PathBuf::from("/etc/postgresql-common"), PathBuf::from)
+        .join("pg_service.conf");
+    let files: Vec<PathBuf> = user_file.into_iter().chain([system_file]).collect();
+    for file in &files {
+        if let Some(settings) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| service_lookup(&text, name))
+        {
+            return Ok(settings);
         }
     }
+    Err(PgError::NoService {
+        name: name.to_owned(),
+        tried: files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
+    })
+}
+
+/// The `key=value` lines of section `[name]` of a service file, or `None`
+/// when the file has no such section.
+#[must_use]
+pub fn service_lookup(text: &str, name: &str) -> Option<std::collections::HashMap<String, String>> {
+    let mut found = None;
+    let mut in_section = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            if in_section {
+                break;
+            }
+            in_section = section == name;
+            if in_section {
+                found = Some(std::collections::HashMap::new());
+            }
+            continue;
+        }
+        if let (true, Some(map), Some((key, value))) =
+            (in_section, found.as_mut(), line.split_once('='))
+        {
+            map.entry(key.trim().to_owned())
+                .or_insert_with(|| value.trim().to_owned());
+        }
+    }
+    found
 }
 
 impl PgTarget {
@@ -137,23 +230,39 @@ impl PgTarget {
         format!("{}:{} as {}", self.host, self.port, self.user)
     }
 
-    /// The libpq variables for child programs.
+    /// The libpq variables for child programs
+    /// (`PGSERVICE` is resolved here and must be removed from the child's
+    /// environment, see [`PgTarget::configure_child`].)
     #[must_use]
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("PGHOST", self.host.clone()),
             ("PGPORT", self.port.to_string()),
             ("PGUSER", self.user.clone()),
             ("PGDATABASE", self.database.clone()),
-        ]
+        ];
+        if let Some(p) = &self.service_password {
+            env.push(("PGPASSWORD", p.clone()));
+        }
+        env
+    }
+
+    /// Points a child libpq program at this server: the resolved variables,
+    /// and no `PGSERVICE`, which libpq would let override them.
+    pub fn configure_child(&self, cmd: &mut tokio::process::Command) {
+        cmd.envs(self.env()).env_remove("PGSERVICE");
     }
 
     /// The password for `database` (`replication` for the replication
-    /// protocol), as libpq finds it: `PGPASSWORD`, else the first matching
+    /// protocol), as libpq finds it: the service file's, else `PGPASSWORD`,
+    /// else the first matching
     /// line of `PGPASSFILE` or `~/.pgpass` (ignored, with a warning, when
     /// others may read it).
     #[must_use]
     pub fn password(&self, database: &str) -> Option<String> {
+        if let Some(p) = &self.service_password {
+            return Some(p.clone());
+        }
         if let Ok(p) = std::env::var("PGPASSWORD") {
             return Some(p);
         }
@@ -170,11 +279,12 @@ impl PgTarget {
             }
         }
         let text = std::fs::read_to_string(&file).ok()?;
-        // A Unix-socket host matches `localhost`, as in libpq.
-        let host = if self.host.starts_with('/') {
-            "localhost"
-        } else {
-            self.host.as_str()
+        // As in libpq, `localhost` stands for the default socket directory
+        // (Debian's, or upstream's /tmp); another socket directory is
+        // matched by its path.
+        let host = match self.host.as_str() {
+            "" | "/var/run/postgresql" | "/tmp" => "localhost",
+            h => h,
         };
         pgpass_lookup(&text, host, &self.port.to_string(), database, &self.user)
     }
@@ -347,6 +457,23 @@ pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn service_sections_are_read_as_libpq_does() {
+        let text = "# shared\n[odoo]\nhost=db.example\nport = 6432\ndbname=odoo\n\
+                    host=ignored\n[other]\nuser=x\n";
+        let odoo = super::service_lookup(text, "odoo").expect("section");
+        assert_eq!(odoo.get("host").map(String::as_str), Some("db.example"));
+        assert_eq!(odoo.get("port").map(String::as_str), Some("6432"));
+        assert_eq!(odoo.get("user"), None);
+        assert_eq!(
+            super::service_lookup(text, "other")
+                .and_then(|m| m.get("user").cloned())
+                .as_deref(),
+            Some("x")
+        );
+        assert!(super::service_lookup(text, "missing").is_none());
+    }
+
     #[test]
     fn pgpass_lines_match_as_libpq_does() {
         let text = "# a comment\n\

@@ -282,6 +282,7 @@ async fn run(
         },
         action: TargetAction::Promote,
         settings: rehearsal_settings(),
+        target: plan.recover_to.clone(),
     };
     scratch.pg_ctl = Some(pg_ctl);
     let clock = Instant::now();

@@ -145,12 +145,13 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     if args.start {
         let pg = pitr_agent::pgconn::PgArgs {
             host: None,
-            port: 5432,
+            port: None,
             user: Some(args.pg_user.clone()),
-            database: "postgres".to_owned(),
+            database: None,
+            service: None,
             bin: args.pg_bin.clone(),
         }
-        .resolve();
+        .resolve()?;
         let major = plan.backup.pg_version / 10_000;
         let pg_ctl = pg.program("pg_ctl", major)?;
         let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
@@ -164,6 +165,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             env,
             action,
             settings: Vec::new(),
+            target: plan.recover_to.clone(),
         };
         say(&format!(
             "pgrestore: starting PostgreSQL {major} on port {} (socket {}), waiting for {target}",

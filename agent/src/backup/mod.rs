@@ -368,11 +368,11 @@ async fn stream_backup(
         ))
         .arg("--manifest-checksums=CRC32C")
         .arg(format!("--label=pitr-agent {id}"))
-        .envs(pg.env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    pg.configure_child(&mut cmd);
     if let Some(rate) = &cfg.max_rate {
         cmd.arg(format!("--max-rate={rate}"));
     }

@@ -72,7 +72,7 @@ impl BackupArgs {
     /// See [`backup::BackupError`].
     pub async fn run(self, repo: &RepoArgs) -> anyhow::Result<ExitCode> {
         let repo = repo.open().await?;
-        let pg = self.pg.resolve();
+        let pg = self.pg.resolve()?;
         let cfg = self.settings.resolve();
         let events = EventRecorder::from_env().await;
         let result = backup::run_backup(&repo, &pg, &cfg).await;

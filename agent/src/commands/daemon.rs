@@ -110,7 +110,7 @@ impl DaemonArgs {
             verify: parse(&self.verify_schedule)?,
             prune,
             refresh: self.refresh,
-            pg: self.pg.resolve(),
+            pg: self.pg.resolve()?,
             pgdata: self.pgdata,
             backup_cfg,
             retention: self.retention.resolve(),

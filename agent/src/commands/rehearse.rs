@@ -57,7 +57,7 @@ impl RehearseSettings {
             Some(a) => files::find_agent(Some(a))?,
             None => std::env::current_exe()?,
         };
-        let mut target_pg = pg.resolve();
+        let mut target_pg = pg.resolve()?;
         if pg.user.as_deref().is_none_or(str::is_empty) {
             "postgres".clone_into(&mut target_pg.user);
         }

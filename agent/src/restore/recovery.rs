@@ -158,6 +158,8 @@ pub struct StartConfig {
     pub action: TargetAction,
     /// More `-c name=value` settings for this start only.
     pub settings: Vec<(String, String)>,
+    /// The target recovery was given, to say what was not found.
+    pub target: crate::restore::target::RecoveryTarget,
 }
 
 /// Where recovery stopped.
@@ -242,6 +244,23 @@ pub async fn start_and_wait(dir: &Path, cfg: &StartConfig) -> Result<Reached, St
             let at = redo_done(&log)
                 .map(|l| format!(" at {l}, the last record it could read,"))
                 .unwrap_or_default();
+            if let RecoveryTarget::Name(_) | RecoveryTarget::Xid(_) = &cfg.target {
+                return Err(StartError::Failed(format!(
+                    "PostgreSQL replayed the repository's WAL{at} without finding {}: no such \
+                     {} was made after the backup, or the WAL that holds it is missing or \
+                     unreadable (`pitr-agent verify` names which). `pgrestore list` shows the \
+                     restore points the WAL summaries know. The server stopped, with no usable \
+                     result in {}. Server log:\n{}",
+                    cfg.target,
+                    if matches!(cfg.target, RecoveryTarget::Name(_)) {
+                        "restore point"
+                    } else {
+                        "transaction"
+                    },
+                    dir.display(),
+                    tail(&log, 8)
+                )));
+            }
             return Err(StartError::Failed(format!(
                 "PostgreSQL ended recovery{at} before reaching the target: the WAL after that \
                  point is missing from the repository or unreadable (`pitr-agent verify` names \

@@ -289,3 +289,85 @@ fn a_taken_socket_is_refused_before_downloading() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A server that asks for a password: the agent and the pg_basebackup it
+/// runs find it as libpq does, in `PGPASSFILE` and in the `PGSERVICE`
+/// section of `PGSERVICEFILE`, and never print it.
+#[test]
+fn passwords_come_from_pgpass_and_service_files() {
+    let Some(bin) = super::pg_bin() else { return };
+    let s = super::Setup::file(&bin);
+    let secret = "pw-Secret-7361";
+    s.pg.exec(&format!("ALTER ROLE postgres PASSWORD '{secret}'"));
+    std::fs::write(
+        s.pg.data.join("pg_hba.conf"),
+        "local all all scram-sha-256\nlocal replication all scram-sha-256\n",
+    )
+    .expect("write pg_hba.conf");
+    s.pg.stop();
+    s.pg.start();
+    let files = pitr_tests::user_tempdir(RunAs::test_user(), "auth");
+    let backup = |envs: &[(&str, String)], unset: &[&str]| {
+        let mut cmd = s.agent(&["backup"]);
+        cmd.env_remove("PGPASSWORD");
+        for v in unset {
+            cmd.env_remove(v);
+        }
+        cmd.envs(envs.iter().map(|(k, v)| (*k, v.clone())));
+        let out = cmd.output().expect("run pitr-agent backup");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(secret), "the password was printed: {text}");
+        (out.status.success(), text)
+    };
+    let nowhere = files.path().join("none");
+    let (ok, text) = backup(&[("PGPASSFILE", nowhere.display().to_string())], &[]);
+    assert!(!ok && text.contains("password"), "{text}");
+
+    let pgpass = files.path().join("pgpass");
+    std::fs::write(
+        &pgpass,
+        // A socket directory other than the default is matched by its path.
+        format!(
+            "localhost:{port}:*:postgres:wrong\n{}:{port}:*:postgres:{secret}\n",
+            s.pg.dir.path().display(),
+            port = s.pg.port
+        ),
+    )
+    .expect("write pgpass");
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod pgpass");
+    RunAs::test_user().chown_tree(files.path());
+    let (ok, text) = backup(&[("PGPASSFILE", pgpass.display().to_string())], &[]);
+    assert!(ok, "backup with PGPASSFILE: {text}");
+
+    let services = files.path().join("pg_service.conf");
+    std::fs::write(
+        &services,
+        format!(
+            "[elsewhere]\nhost=/nonexistent\n[pitr]\nhost={}\nport={}\nuser=postgres\npassword={secret}\n",
+            s.pg.dir.path().display(),
+            s.pg.port
+        ),
+    )
+    .expect("write pg_service.conf");
+    RunAs::test_user().chown_tree(files.path());
+    let service_env = |name: &str| {
+        vec![
+            ("PGSERVICEFILE", services.display().to_string()),
+            ("PGSERVICE", name.to_owned()),
+            ("PGPASSFILE", nowhere.display().to_string()),
+        ]
+    };
+    let (ok, text) = backup(&service_env("pitr"), &["PGHOST", "PGPORT", "PGUSER"]);
+    assert!(ok, "backup with PGSERVICE: {text}");
+    let (ok, text) = backup(&service_env("nope"), &["PGHOST", "PGPORT", "PGUSER"]);
+    assert!(
+        !ok && text.contains("no connection service \"nope\"") && text.contains("PGSERVICEFILE"),
+        "{text}"
+    );
+    assert_eq!(s.backup_ids().len(), 2, "two backups committed");
+}

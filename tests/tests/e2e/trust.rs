@@ -551,3 +551,74 @@ fn retention_after_a_restore_keeps_what_the_live_timeline_needs() {
     );
     assert_eq!(ids(&r), "1,2,3,101");
 }
+
+/// `--target-name` for a name that was never made: with WAL summaries the
+/// plan refuses it before downloading and lists the names there are;
+/// without them replay runs to the end and pgrestore says the restore point
+/// was not found, not that archiving failed.
+#[test]
+fn an_unknown_restore_point_is_named_as_such() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(s) = setup(&bin, None) else { return };
+    s.pg.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)");
+    s.backup();
+    // Two calls: psql -c runs its statements as one transaction.
+    s.pg.exec("INSERT INTO t VALUES (2)");
+    s.pg.exec("SELECT pg_create_restore_point('before_upgrade')");
+    // Segments after it, so that its own is not among the newest two the
+    // plan reads from WAL when their summaries are missing.
+    for id in 3..=5 {
+        s.pg.exec(&format!("INSERT INTO t VALUES ({id})"));
+        let _ = s.archive_now();
+    }
+
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target-name", "nope", "--start"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no restore point named \"nope\"") && err.contains("\"before_upgrade\""),
+        "{err}"
+    );
+    assert!(
+        !r.data.exists(),
+        "a refused plan downloaded into {}",
+        r.data.display()
+    );
+
+    let summaries = s.dir.as_ref().expect("file repository").join("wal-summary");
+    std::fs::remove_dir_all(&summaries).expect("remove the WAL summaries");
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(&s, &["--target-name", "nope", "--start"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let first = err
+        .lines()
+        .find(|l| l.contains("error"))
+        .unwrap_or_default();
+    assert!(
+        first.contains("without finding restore point \"nope\"")
+            && first.contains("pgrestore list"),
+        "{err}"
+    );
+    assert!(
+        !r.data.exists(),
+        "a failed restore left {}",
+        r.data.display()
+    );
+
+    // The name that exists still restores, summaries or not.
+    let r = Restored::new(&bin);
+    let out = r.pgrestore(
+        &s,
+        &[
+            "--target-name",
+            "before_upgrade",
+            "--start",
+            "--target-action",
+            "pause",
+        ],
+    );
+    ok(&out, "restore to before_upgrade");
+    assert_eq!(ids(&r), "1,2");
+}
