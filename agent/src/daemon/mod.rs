@@ -80,10 +80,12 @@ struct Shared {
     /// One rehearsal at a time; rehearsals never wait for (or block) backups.
     rehearse_lock: tokio::sync::Mutex<()>,
     last_failed_count: Mutex<Option<i64>>,
-    /// What was wrong with the repository at the last refresh, logged once
-    /// each time it changes (a missing repository answers `/readyz` 503
+    /// What was wrong at the last refresh, by what was read (the
+    /// repository, PostgreSQL…): each logged once when it appears or
+    /// changes and once when it clears, so that a refresh every few seconds
+    /// keeps the log readable (a missing repository answers `/readyz` 503
     /// and would otherwise be silent).
-    repo_problem: Mutex<Option<String>>,
+    problems: Mutex<std::collections::HashMap<&'static str, String>>,
     /// Kubernetes Events on our pod, when running in one.
     events: Option<EventRecorder>,
     /// Set once the first refresh has read the repository. Until then the
@@ -120,7 +122,7 @@ pub async fn run(
         job_lock: tokio::sync::Mutex::new(()),
         rehearse_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
-        repo_problem: Mutex::new(None),
+        problems: Mutex::new(std::collections::HashMap::new()),
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
         records: RecordCache::default(),
@@ -192,40 +194,51 @@ async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// Logs `problem` under `what` when it appears or changes, and once when it
+/// clears; the same problem at the next refresh is not logged again.
+fn note_problem(shared: &Shared, what: &'static str, problem: Option<String>) {
+    let mut problems = lock(&shared.problems);
+    match problem {
+        Some(p) if problems.get(what) != Some(&p) => {
+            tracing::error!(repository = %shared.repo.url, problem = %p, "{what}");
+            problems.insert(what, p);
+        }
+        Some(_) => {}
+        None => {
+            if problems.remove(what).is_some() {
+                tracing::info!(repository = %shared.repo.url, "resolved: {what}");
+            }
+        }
+    }
+}
+
 /// Re-reads the repository and PostgreSQL into the metrics and status.
 async fn refresh(shared: &Shared) {
     let now = SystemTime::now();
-    let problem = shared.repo.owner().await.err().map(|e| e.to_string());
-    {
-        let mut last = lock(&shared.repo_problem);
-        if *last != problem {
-            match &problem {
-                Some(p) => {
-                    tracing::error!(repository = %shared.repo.url, problem = %p, "the repository is not usable; /readyz answers 503 until it is")
-                }
-                None if last.is_some() => {
-                    tracing::info!(repository = %shared.repo.url, "the repository is usable again")
-                }
-                None => {}
-            }
-            last.clone_from(&problem);
-        }
-    }
+    let owner = shared.repo.owner().await.err().map(|e| e.to_string());
+    note_problem(
+        shared,
+        "the repository is not usable; /readyz answers 503 until it is",
+        owner,
+    );
     match Catalog::load_cached(&shared.repo.storage, &shared.records).await {
         Ok(mut catalog) => {
+            note_problem(shared, "cannot list the repository", None);
             // The window ends at the newest commit, read from the WAL summaries.
-            if let Err(e) =
-                crate::commands::catalog::resolve_archive_end(&shared.repo, &mut catalog).await
-            {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the WAL summaries; the restorable window's end is an estimate");
-            }
+            let summaries =
+                crate::commands::catalog::resolve_archive_end(&shared.repo, &mut catalog).await;
+            note_problem(
+                shared,
+                "cannot read the WAL summaries; the restorable window's end is an estimate",
+                summaries.err().map(|e| format!("{e:#}")),
+            );
             shared.metrics.update_from_catalog(&catalog);
             shared
                 .metrics
                 .update_from_rehearsals(&catalog.rehearsals, shared.cfg.rehearse.rto_objective);
             lock(&shared.status).set_catalog(&catalog, now);
         }
-        Err(e) => tracing::warn!(error = %e, "cannot list the repository"),
+        Err(e) => note_problem(shared, "cannot list the repository", Some(e.to_string())),
     }
     // One connection for everything read from PostgreSQL.
     let client = shared.cfg.pg.connect("pitr-agent daemon").await;
@@ -233,24 +246,26 @@ async fn refresh(shared: &Shared) {
         Ok(client) => archiver_stats(client).await,
         Err(e) => Err(anyhow::anyhow!("{e}")),
     };
-    match archiver {
-        Ok((last_wal, last_time, failed)) => {
-            if let Some(t) = last_time {
-                shared.metrics.archive_last_archived.set(t);
-            }
-            let mut prev = lock(&shared.last_failed_count);
-            if let Some(p) = *prev
-                && failed > p
-            {
-                shared
-                    .metrics
-                    .archive_failures
-                    .inc_by(u64::try_from(failed - p).unwrap_or(0));
-            }
-            *prev = Some(failed);
-            lock(&shared.status).last_archived_wal = last_wal;
+    note_problem(
+        shared,
+        "cannot read pg_stat_archiver",
+        archiver.as_ref().err().map(ToString::to_string),
+    );
+    if let Ok((last_wal, last_time, failed)) = archiver {
+        if let Some(t) = last_time {
+            shared.metrics.archive_last_archived.set(t);
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read pg_stat_archiver"),
+        let mut prev = lock(&shared.last_failed_count);
+        if let Some(p) = *prev
+            && failed > p
+        {
+            shared
+                .metrics
+                .archive_failures
+                .inc_by(u64::try_from(failed - p).unwrap_or(0));
+        }
+        *prev = Some(failed);
+        lock(&shared.status).last_archived_wal = last_wal;
     }
     if let Some(pgdata) = &shared.cfg.pgdata {
         let (ready, lag) = ready_backlog(&pgdata.join("pg_wal/archive_status"), now);

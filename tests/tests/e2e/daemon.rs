@@ -57,7 +57,7 @@ pub(crate) fn start_daemon(setup: &Setup, port: u16, extra: &[&str]) -> Child {
     child
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -47,6 +47,8 @@ fn restore(args: &[&str]) -> Command {
 fn every_first_error_names_its_cause_and_the_fix() {
     let repo = tempfile::tempdir().expect("tempdir");
     let file_repo = format!("file://{}/repo", repo.path().display());
+    std::fs::write(repo.path().join("plain"), "x").expect("write a file");
+    let under_file = format!("file://{}/plain/repo", repo.path().display());
     let cases = vec![
         Case {
             what: "an endpoint without a scheme",
@@ -156,6 +158,13 @@ fn every_first_error_names_its_cause_and_the_fix() {
             code: 2,
             says: &["--pgdata", "global/pg_control"],
             never: &[],
+        },
+        Case {
+            what: "a repository path under a regular file",
+            cmd: agent(&["--repo", &under_file, "init"]),
+            code: 2,
+            says: &["Not a directory"],
+            never: &["Not a directory (os error 20): Not a directory"],
         },
     ];
     for mut case in cases {
@@ -370,4 +379,107 @@ fn passwords_come_from_pgpass_and_service_files() {
         "{text}"
     );
     assert_eq!(s.backup_ids().len(), 2, "two backups committed");
+}
+
+/// The daemon pointed at a missing repository and a PostgreSQL that is not
+/// there: `/readyz` says why, and the log says each problem once, not at
+/// every refresh.
+#[test]
+fn the_daemon_logs_each_problem_once() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let port = pitr_tests::free_port();
+    let daemon = agent(&[
+        "--repo",
+        &format!("file://{}/missing", repo.path().display()),
+        "daemon",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--refresh",
+        "1s",
+        "--verify-schedule",
+        "",
+        "--backup-schedule",
+        "",
+    ])
+    .env("PITR_REHEARSE_SCHEDULE", "")
+    .env("PGHOST", "/nonexistent-socket-dir")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start the daemon");
+    let (code, why) = pitr_tests::wait_for("/readyz", Duration::from_secs(30), || {
+        super::daemon::get(port, "/readyz")
+    });
+    assert_eq!(code, 503, "{why}");
+    assert!(
+        why.contains("pitr-agent init") && why.contains("PGHOST"),
+        "{why}"
+    );
+    // Several refreshes.
+    std::thread::sleep(Duration::from_secs(4));
+    super::daemon::sigterm(&daemon);
+    let out = daemon.wait_with_output().expect("daemon exits");
+    let log = String::from_utf8_lossy(&out.stderr);
+    for problem in [
+        "the repository is not usable",
+        "cannot read pg_stat_archiver",
+    ] {
+        assert_eq!(
+            log.matches(problem).count(),
+            1,
+            "{problem:?} logged once:\n{log}"
+        );
+    }
+    assert!(
+        !repo.path().join("missing").exists(),
+        "the daemon created the repository"
+    );
+}
+
+/// A `backup.json` that is not JSON is the damaged record of a backup whose
+/// data may be intact: an error for `verify`, never debris for `prune`.
+#[test]
+fn a_damaged_backup_record_is_an_error_never_debris() {
+    let dir = pitr_tests::user_tempdir(RunAs::test_user(), "damaged");
+    let repo = format!("file://{}/repo", dir.path().display());
+    let out = agent(&["--repo", &repo, "init"]).output().expect("init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = dir.path().join("repo/backups/20260101T000000Z/backup.json");
+    std::fs::create_dir_all(record.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&record, "{not json").expect("write");
+    RunAs::test_user().chown_tree(dir.path());
+    let out = agent(&["--repo", &repo, "verify"])
+        .output()
+        .expect("verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("20260101T000000Z"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("error") && line.contains("prune never removes it"),
+        "{text}"
+    );
+    let out = agent(&[
+        "--repo",
+        &repo,
+        "prune",
+        "--retain-full",
+        "1",
+        "--debris-grace",
+        "0s",
+    ])
+    .output()
+    .expect("prune");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(record.exists(), "prune removed a damaged record");
 }
