@@ -1,0 +1,1 @@
+"""Stand-in Odoo (see setup.py)."""
