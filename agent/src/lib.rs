@@ -9,6 +9,7 @@
 //! - [`archive`]: `wal-push` and `wal-fetch`;
 //! - [`backup`]: `backup` (pg_basebackup streamed into the repository);
 //! - [`verify`]: `verify` (backups and WAL continuity) and its findings;
+//! - [`filestore`]: the Odoo filestore, synced and restored beside the database;
 //! - [`prune`]: applying a retention plan;
 //! - [`rehearse`]: restore rehearsals that prove the repository restores;
 //! - [`pgconn`]: connecting to PostgreSQL, finding its client programs;
@@ -48,6 +49,7 @@ pub mod commands;
 pub mod compress;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod filestore;
 pub mod pgconn;
 pub mod pgdata;
 pub mod prune;

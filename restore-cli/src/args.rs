@@ -63,6 +63,13 @@ pub(crate) struct RestoreArgs {
     /// Start PostgreSQL and wait until recovery reaches the target.
     #[arg(long)]
     pub(crate) start: bool,
+    /// Restore the Odoo filestore too, into this new (or empty) directory:
+    /// once recovery reached the target, every file the restored databases'
+    /// `ir_attachment` rows reference, as DIR/<db>/<xx>/<sha1>, each checked
+    /// against its SHA-1. A missing file is named and makes the exit 1.
+    /// Needs --start (and a target action other than shutdown).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) filestore: Option<PathBuf>,
     /// Port for --start (it names the Unix socket; no TCP listener)
     /// [default: a free one, so a host that runs PostgreSQL never collides].
     #[arg(long = "port")]

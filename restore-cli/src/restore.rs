@@ -43,6 +43,31 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     };
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     let existed = check_target_dir(&dir)?;
+    let filestore = match &args.filestore {
+        None => None,
+        Some(_) if !args.start => bail!(
+            "--filestore restores the files the restored databases reference, so it needs \
+             --start: add --start"
+        ),
+        Some(_) if args.target_action == TargetAction::Shutdown => bail!(
+            "--filestore reads the restored databases once they reached the target, so the \
+             server must stay up: use --target-action pause or promote"
+        ),
+        Some(fs_dir) => {
+            let fs_dir = std::path::absolute(fs_dir).unwrap_or_else(|_| fs_dir.clone());
+            if fs_dir.starts_with(&dir) {
+                bail!(
+                    "--filestore {} lies inside --pgdata {}: give a directory outside the data \
+                     directory",
+                    fs_dir.display(),
+                    dir.display()
+                );
+            }
+            let fs_existed =
+                check_target_dir(&fs_dir).map_err(|e| anyhow::anyhow!("--filestore: {e}"))?;
+            Some((fs_dir, fs_existed))
+        }
+    };
     let agent = files::find_agent(args.agent.as_deref())?;
 
     let (repo, mut catalog) = open_catalog(repo_args, "read the catalog of").await?;
@@ -142,6 +167,8 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     ));
 
     let mut reached = None;
+    let mut filestore_report = None;
+    let mut exit_missing = false;
     if args.start {
         let pg = pitr_agent::pgconn::PgArgs {
             host: None,
@@ -211,6 +238,34 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             }
         ));
         reached = Some(r);
+        if let Some((fs_dir, fs_existed)) = &filestore {
+            let target_pg = pitr_agent::pgconn::PgTarget {
+                host: start_at.1.display().to_string(),
+                port: start_at.0,
+                user: args.pg_user.clone(),
+                database: "postgres".to_owned(),
+                bin: None,
+                service_password: None,
+            };
+            let report = restore_filestore(&repo, &target_pg, fs_dir, *fs_existed, &say).await?;
+            if !report.missing.is_empty() {
+                for m in &report.missing {
+                    eprintln!("pgrestore: error: {m}");
+                }
+                eprintln!(
+                    "pgrestore: error: the database reached the target, but {} attachment \
+                     file(s) are missing from the restored filestore {}: Odoo shows them as \
+                     broken. Check that filestore-sync runs (pitr_filestore_last_sync), or \
+                     restore to an earlier target",
+                    report.missing.len(),
+                    fs_dir.display()
+                );
+                filestore_report = Some(report);
+                exit_missing = true;
+            } else {
+                filestore_report = Some(report);
+            }
+        }
     } else {
         say(&format!(
             "pgrestore: to recover, start PostgreSQL on it as the user that owns it: pg_ctl -D {0} \
@@ -227,10 +282,58 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             "seconds": started.elapsed().as_secs_f64(),
             "removed-settings": removed,
             "reached": reached.map(|mut r| { r.log.clear(); r }),
+            "filestore": filestore_report,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if exit_missing {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The filestore of the restored databases, into `dir`.
+async fn restore_filestore(
+    repo: &pitr_agent::repository::Repository,
+    pg: &pitr_agent::pgconn::PgTarget,
+    dir: &Path,
+    existed: bool,
+    say: &impl Fn(&str),
+) -> anyhow::Result<pitr_agent::filestore::RestoreReport> {
+    let started = Instant::now();
+    let attachments = pitr_agent::filestore::attachments(pg)
+        .await
+        .map_err(|e| anyhow::anyhow!("read ir_attachment from the restored server: {e:#}"))?;
+    let mut databases: Vec<&str> = attachments.iter().map(|a| a.database.as_str()).collect();
+    databases.dedup();
+    say(&format!(
+        "pgrestore: filestore: {} attachments in {} database(s) reference stored files; \
+         fetching them into {}",
+        attachments.len(),
+        databases.len(),
+        dir.display()
+    ));
+    match pitr_agent::filestore::restore_files(repo, &attachments, dir).await {
+        Ok(report) => {
+            say(&format!(
+                "pgrestore: filestore: restored {} files ({}) in {:.1}s, each checked against \
+                 its SHA-1",
+                report.files,
+                report::bytes(report.bytes),
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(report)
+        }
+        Err(e) => {
+            files::clean(dir, existed);
+            Err(anyhow::Error::new(e).context(format!(
+                "restore the filestore into {} (it was left {})",
+                dir.display(),
+                if existed { "empty" } else { "absent" }
+            )))
+        }
+    }
 }
 
 async fn restore_files(

@@ -15,6 +15,7 @@ pub mod backup;
 pub mod catalog;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod filestore;
 #[cfg(feature = "daemon")]
 pub mod rehearse;
 
@@ -46,6 +47,10 @@ pub enum Command {
     /// Restore into a scratch directory, check it, report the proven point
     /// and the restore time. Exit 0 proven, 1 a problem found, 2 failure.
     Rehearse(rehearse::RehearseArgs),
+    /// Upload the Odoo filestore's new files (each checked against its
+    /// SHA-1 name). Exit 0 once all are durable, 1 when a file's content does
+    /// not match its name (reported, never uploaded), 2 failure.
+    FilestoreSync(filestore::FilestoreSyncArgs),
     /// Run as a sidecar: scheduled backup/verify/prune, /healthz /readyz /status /metrics.
     Daemon(Box<daemon::DaemonArgs>),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
@@ -87,6 +92,7 @@ impl Command {
             Command::Prune(args) => args.run(&repo).await,
             Command::Rehearse(args) => args.run(&repo).await,
             Command::Daemon(args) => args.run(&repo).await,
+            Command::FilestoreSync(args) => args.run(&repo).await,
             Command::WalPrefetch(args) => Ok(args.run(&repo).await),
         }
     }

@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod daemon;
 mod fetch;
+mod filestore;
 mod operator;
 mod rehearse;
 mod restore;

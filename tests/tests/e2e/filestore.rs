@@ -1,0 +1,293 @@
+//! The Odoo filestore restored with the database, at a point in time.
+//!
+//! A stand-in stores exactly as Odoo does: files named by their SHA-1 under
+//! `filestore/<db>/<xx>/`, written before the `ir_attachment` row that
+//! references them commits; deletions remove rows, and a later garbage
+//! collection removes the files no row references.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use pitr_tests::RunAs;
+use pitr_tests::s3::S3Kind;
+use rand::RngCore as _;
+use sha1::Digest as _;
+
+use super::restore::{Restored, ok};
+use super::{Setup, pg_bin};
+
+/// The stand-in Odoo: one database `odoo` and its filestore directory.
+struct Odoo<'a> {
+    s: &'a Setup,
+    root: PathBuf,
+}
+
+impl Odoo<'_> {
+    fn sql(&self, sql: &str) -> String {
+        let mut args = self.s.pg.conn_args();
+        args[7] = "odoo".into();
+        let out = Command::new(self.s.pg.bin.tool("psql"))
+            .args(args)
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Stores `content` as Odoo does: the file first, then the row.
+    /// Returns the attachment id and its store_fname.
+    fn attach(&self, name: &str, content: &[u8]) -> (String, String) {
+        let sha = hex::encode(sha1::Sha1::digest(content));
+        let rel = format!("{}/{sha}", &sha[..2]);
+        let path = self.root.join("odoo").join(&rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, content).expect("write the file");
+        std::fs::rename(&tmp, &path).expect("rename");
+        let id = self.sql(&format!(
+            "INSERT INTO ir_attachment (name, store_fname, checksum, file_size) \
+             VALUES ('{name}', '{rel}', '{sha}', {}) RETURNING id",
+            content.len()
+        ));
+        (id, rel)
+    }
+
+    /// Odoo's garbage collection: files no row references go.
+    fn gc(&self) {
+        let referenced = self.sql("SELECT string_agg(store_fname, ' ') FROM ir_attachment");
+        let keep: Vec<&str> = referenced.split(' ').collect();
+        for shard in std::fs::read_dir(self.root.join("odoo")).expect("read the filestore") {
+            let shard = shard.expect("entry").path();
+            for f in std::fs::read_dir(&shard).expect("read a shard") {
+                let f = f.expect("entry").path();
+                let rel = format!(
+                    "{}/{}",
+                    shard.file_name().expect("name").to_string_lossy(),
+                    f.file_name().expect("name").to_string_lossy()
+                );
+                if !keep.contains(&rel.as_str()) {
+                    std::fs::remove_file(&f).expect("gc");
+                }
+            }
+        }
+    }
+
+    fn sync(&self) -> Output {
+        self.s
+            .agent(&["filestore-sync", "--json", "--path"])
+            .arg(&self.root)
+            .output()
+            .expect("run filestore-sync")
+    }
+}
+
+fn random(len: usize, header: &[u8]) -> Vec<u8> {
+    let mut v = vec![0; len];
+    rand::rng().fill_bytes(&mut v);
+    v[..header.len()].copy_from_slice(header);
+    v
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn the_filestore_comes_back_at_a_point_in_time(kind: Option<S3Kind>, large_mb: usize) {
+    let Some(bin) = pg_bin() else { return };
+    let conf = ["track_commit_timestamp = on"];
+    let Some(s) = (match kind {
+        None => Some(Setup::file_with(&bin, &conf)),
+        Some(kind) => Setup::s3_with(&bin, kind, "filestore", &conf),
+    }) else {
+        return;
+    };
+    s.pg.exec("CREATE DATABASE odoo");
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let odoo = Odoo {
+        s: &s,
+        root: volume.path().join("filestore"),
+    };
+    odoo.sql(
+        "CREATE TABLE ir_attachment (id serial PRIMARY KEY, name text, store_fname varchar, \
+         checksum varchar(40), file_size int)",
+    );
+    s.backup();
+    let text = b"<record model=\"account.move.line\"><field name=\"name\">Line</field></record>\n"
+        .repeat(4000);
+    let (_, text_rel) = odoo.attach("invoice.xml", &text);
+    let pdf = random(300 << 10, b"%PDF-1.7\n");
+    let (_, pdf_rel) = odoo.attach("invoice.pdf", &pdf);
+    let jpeg = random(200 << 10, &[0xff, 0xd8, 0xff, 0xe0]);
+    let (_, jpeg_rel) = odoo.attach("logo.jpg", &jpeg);
+    // The same file under two attachments, as Odoo deduplicates.
+    let _ = odoo.attach("logo-copy.jpg", &jpeg);
+    let large = random(large_mb << 20, b"%PDF-1.4\n");
+    let (_, large_rel) = odoo.attach("scan.pdf", &large);
+    RunAs::test_user().chown_tree(volume.path());
+    let out = odoo.sync();
+    ok(&out, "filestore-sync");
+    let report = json(&out);
+    assert_eq!(report["files-uploaded"], 4, "{report}");
+    assert!(
+        report["bytes-stored"].as_u64() < report["bytes-uploaded"].as_u64(),
+        "the XML was compressed: {report}"
+    );
+    if let Some(dir) = &s.dir {
+        let objects = dir.join("filestore/odoo");
+        assert!(
+            objects.join(format!("{text_rel}.gz")).exists(),
+            "XML compressed"
+        );
+        assert!(objects.join(&pdf_rel).exists(), "PDF stored as it is");
+        assert!(objects.join(&jpeg_rel).exists(), "JPEG stored as it is");
+    }
+    // Nothing new: a second sync stores nothing.
+    let again = json(&odoo.sync());
+    assert_eq!(again["files-uploaded"], 0, "{again}");
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let target = s.pg.sql("SELECT now()");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    // After the target: the XML's row is deleted and its file collected;
+    // a new attachment arrives.
+    odoo.sql(&format!(
+        "DELETE FROM ir_attachment WHERE store_fname = '{text_rel}'"
+    ));
+    odoo.gc();
+    assert!(!odoo.root.join("odoo").join(&text_rel).exists());
+    let later = random(10 << 10, b"later");
+    let (_, later_rel) = odoo.attach("later.bin", &later);
+    RunAs::test_user().chown_tree(volume.path());
+    ok(&odoo.sync(), "filestore-sync after the target");
+    let _ = s.archive_now();
+
+    let r = Restored::new(&bin);
+    let restored_fs = r.socket.join("filestore");
+    let out = r.pgrestore(
+        &s,
+        &[
+            "--target-time",
+            &target,
+            "--start",
+            "--target-action",
+            "promote",
+            "--filestore",
+            &restored_fs.display().to_string(),
+        ],
+    );
+    ok(&out, "pgrestore --filestore");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("restored 4 files"), "{said}");
+    for (rel, content) in [
+        (&text_rel, &text),
+        (&pdf_rel, &pdf),
+        (&jpeg_rel, &jpeg),
+        (&large_rel, &large),
+    ] {
+        let got = std::fs::read(restored_fs.join("odoo").join(rel))
+            .unwrap_or_else(|e| panic!("{rel} restored: {e}"));
+        assert!(got == *content, "{rel} is byte-identical");
+    }
+    assert!(
+        !restored_fs.join("odoo").join(&later_rel).exists(),
+        "a file referenced only after the target is not restored"
+    );
+}
+
+#[test]
+fn the_filestore_comes_back_at_a_point_in_time_from_a_file_repository() {
+    the_filestore_comes_back_at_a_point_in_time(None, 50);
+}
+
+#[test]
+fn the_filestore_comes_back_at_a_point_in_time_from_s3() {
+    the_filestore_comes_back_at_a_point_in_time(Some(S3Kind::S3sFs), 12);
+}
+
+/// A file whose content does not hash to its name is reported and never
+/// uploaded; a file the sync had not stored yet is named by the restore,
+/// which exits 1.
+#[test]
+fn a_corrupt_file_is_refused_and_a_missing_one_named() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file(&bin);
+    s.pg.exec("CREATE DATABASE odoo");
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let odoo = Odoo {
+        s: &s,
+        root: volume.path().join("filestore"),
+    };
+    odoo.sql("CREATE TABLE ir_attachment (id serial PRIMARY KEY, name text, store_fname varchar, checksum varchar(40), file_size int)");
+    s.backup();
+    let (_, good) = odoo.attach("good.txt", b"good content");
+    let bad_sha = hex::encode(sha1::Sha1::digest(b"what it was"));
+    let bad = odoo.root.join("odoo").join(&bad_sha[..2]).join(&bad_sha);
+    std::fs::create_dir_all(bad.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&bad, b"what it became").expect("write");
+    RunAs::test_user().chown_tree(volume.path());
+    let out = odoo.sync();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&bad_sha) && err.contains("not uploaded"),
+        "{err}"
+    );
+    let repo_dir = s.dir.as_ref().expect("file repository");
+    assert!(repo_dir.join("filestore/odoo").join(&good).exists());
+    assert!(
+        !repo_dir
+            .join("filestore/odoo")
+            .join(&bad_sha[..2])
+            .join(&bad_sha)
+            .exists()
+            && !repo_dir
+                .join("filestore/odoo")
+                .join(format!("{}/{bad_sha}.gz", &bad_sha[..2]))
+                .exists(),
+        "a corrupt file was uploaded"
+    );
+
+    // The sync lags: the newest attachment's file is not stored.
+    let (late_id, _) = odoo.attach("late.txt", b"written after the last sync");
+    let _ = s.archive_now();
+    let r = Restored::new(&bin);
+    let restored_fs: &Path = &r.socket.join("filestore");
+    let out = r.pgrestore(
+        &s,
+        &[
+            "--target",
+            "latest",
+            "--start",
+            "--filestore",
+            &restored_fs.display().to_string(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("attachment {late_id} in database odoo"))
+            && err.contains("not in the repository"),
+        "{err}"
+    );
+    assert!(
+        restored_fs.join("odoo").join(&good).exists(),
+        "the stored file came back"
+    );
+}
