@@ -51,6 +51,14 @@ pub struct DaemonArgs {
     /// 'pitr_agent', a commit returns only once it is in the repository.
     #[arg(long, env = "PITR_STREAM_SYNC", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = "off", hide_possible_values = true)]
     pub stream_sync: bool,
+    /// Odoo's filestore (`<data_dir>/filestore`) to sync into the repository
+    /// every --filestore-interval; unset: no filestore sync.
+    #[arg(long, env = "PITR_FILESTORE_PATH")]
+    pub filestore_path: Option<std::path::PathBuf>,
+    /// How often the filestore is synced: the longest a new attachment
+    /// waits before it is durable in the repository.
+    #[arg(long, env = "PITR_FILESTORE_INTERVAL", default_value = "60s", value_parser = crate::cli::parse_duration)]
+    pub filestore_interval: Duration,
     /// Restore rehearsal schedule (`pitr-agent rehearse --target latest`); empty disables.
     /// It runs beside backups, never blocking them.
     #[arg(long, env = "PITR_REHEARSE_SCHEDULE", default_value = "0 4 * * *")]
@@ -115,6 +123,10 @@ impl DaemonArgs {
             backup_cfg,
             retention: self.retention.resolve(),
             verify_max_age: Some(self.max_age),
+            filestore: self
+                .filestore_path
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| (p, self.filestore_interval.max(Duration::from_secs(1)))),
         })
     }
 

@@ -20,6 +20,14 @@ pub struct FilestoreSyncArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Sync again every this long, forever (the sidecar of Odoo's pods),
+    /// serving /healthz and the filestore metrics on --listen; without it,
+    /// one sync.
+    #[arg(long, env = "PITR_FILESTORE_INTERVAL", value_parser = crate::cli::parse_duration)]
+    pub every: Option<std::time::Duration>,
+    /// Where --every serves /healthz and /metrics.
+    #[arg(long, env = "PITR_LISTEN", default_value = "0.0.0.0:9188")]
+    pub listen: std::net::SocketAddr,
 }
 
 impl FilestoreSyncArgs {
@@ -36,6 +44,24 @@ impl FilestoreSyncArgs {
                  <data_dir>/filestore, which holds one directory per database",
                 self.path.display()
             );
+        }
+        if let Some(every) = self.every.filter(|e| !e.is_zero()) {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                crate::cli::wait_for_signal().await;
+                token.cancel();
+            });
+            crate::daemon::run_filestore_only(
+                repo,
+                self.path,
+                every,
+                self.compress_level,
+                self.listen,
+                shutdown,
+            )
+            .await?;
+            return Ok(ExitCode::SUCCESS);
         }
         let started = std::time::Instant::now();
         let mut state = SyncState::default();

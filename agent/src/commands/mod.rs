@@ -15,6 +15,7 @@ pub mod backup;
 pub mod catalog;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod filestore;
 #[cfg(feature = "daemon")]
 pub mod rehearse;

@@ -124,6 +124,14 @@ pub struct Metrics {
     pub rehearsal_failures: Family<Reason, Counter>,
     /// `PITR_RTO_OBJECTIVE` (0: none).
     pub rto_objective: FloatGauge,
+    /// Filestore files uploaded since the daemon started.
+    pub filestore_files: Counter,
+    /// Their bytes on the volume.
+    pub filestore_bytes: Counter,
+    /// When the newest filestore sync completed.
+    pub filestore_last_sync: FloatGauge,
+    /// Files the newest sync found damaged (content not matching the name).
+    pub filestore_corrupt: Gauge,
 }
 
 impl Metrics {
@@ -312,6 +320,30 @@ impl Metrics {
                 counter.inc_by(count - seen);
             }
         }
+    }
+
+    /// Registers the filestore sync's metrics (only with a filestore path).
+    pub fn register_filestore(&self, r: &mut Registry) {
+        r.register(
+            "pitr_filestore_files_synced",
+            "Filestore files uploaded since the daemon started",
+            self.filestore_files.clone(),
+        );
+        r.register(
+            "pitr_filestore_bytes_synced",
+            "Bytes (on the volume) of the filestore files uploaded since the daemon started",
+            self.filestore_bytes.clone(),
+        );
+        r.register(
+            "pitr_filestore_last_sync_timestamp_seconds",
+            "When the newest filestore sync completed (every file it saw durable)",
+            self.filestore_last_sync.clone(),
+        );
+        r.register(
+            "pitr_filestore_corrupt_files",
+            "Files the newest filestore sync found whose content does not hash to their name",
+            self.filestore_corrupt.clone(),
+        );
     }
 
     /// Registers the stream's metrics (only when streaming is on, so that

@@ -67,6 +67,8 @@ pub struct DaemonConfig {
     pub rehearse: crate::rehearse::RehearseConfig,
     /// The repository flags, for the rehearsal's restore_command.
     pub repo_args: crate::cli::RepoArgs,
+    /// The filestore to sync, and how often.
+    pub filestore: Option<(PathBuf, Duration)>,
 }
 
 struct Shared {
@@ -85,7 +87,7 @@ struct Shared {
     /// changes and once when it clears, so that a refresh every few seconds
     /// keeps the log readable (a missing repository answers `/readyz` 503
     /// and would otherwise be silent).
-    problems: Mutex<std::collections::HashMap<&'static str, String>>,
+    problems: Problems,
     /// Kubernetes Events on our pod, when running in one.
     events: Option<EventRecorder>,
     /// Set once the first refresh has read the repository. Until then the
@@ -113,6 +115,9 @@ pub async fn run(
     if cfg.stream.is_some() {
         metrics.register_stream(&mut registry);
     }
+    if cfg.filestore.is_some() {
+        metrics.register_filestore(&mut registry);
+    }
     metrics.create_label_sets();
     let shared = Arc::new(Shared {
         repo,
@@ -122,7 +127,7 @@ pub async fn run(
         job_lock: tokio::sync::Mutex::new(()),
         rehearse_lock: tokio::sync::Mutex::new(()),
         last_failed_count: Mutex::new(None),
-        problems: Mutex::new(std::collections::HashMap::new()),
+        problems: Problems::default(),
         events: EventRecorder::from_env().await,
         refreshed: std::sync::atomic::AtomicBool::new(false),
         records: RecordCache::default(),
@@ -159,6 +164,15 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    if let Some((path, every)) = shared.cfg.filestore.clone() {
+        tracing::info!(path = %path.display(), every = ?every, "filestore sync");
+        tasks.spawn(filestore_loop(
+            Arc::clone(&shared),
+            path,
+            every,
+            shutdown.clone(),
+        ));
+    }
     for (job, schedule) in [
         ("backup", shared.cfg.backup.clone()),
         ("verify", shared.cfg.verify.clone()),
@@ -184,6 +198,153 @@ pub async fn run(
     Ok(())
 }
 
+/// Syncs the filestore every `every`, keeping what the repository is known
+/// to hold between syncs; a failed sync is logged once and retried.
+async fn filestore_loop(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    sync_filestore_forever(
+        &shared.repo,
+        &shared.metrics,
+        &path,
+        every,
+        shared.cfg.backup_cfg.level,
+        &shutdown,
+        |what, problem| note_problem(&shared, what, problem),
+    )
+    .await;
+}
+
+/// The filestore sync loop, shared by the daemon and `filestore-sync
+/// --every`: one sync, the metrics, `note` for what went wrong (logged once
+/// per change by the caller), then sleep.
+pub async fn sync_filestore_forever(
+    repo: &Repository,
+    m: &Metrics,
+    path: &std::path::Path,
+    every: Duration,
+    level: u32,
+    shutdown: &CancellationToken,
+    note: impl Fn(&'static str, Option<String>),
+) {
+    let mut state = crate::filestore::SyncState::default();
+    loop {
+        let result = tokio::select! {
+            r = crate::filestore::sync(repo, path, &mut state, level) => r,
+            () = shutdown.cancelled() => return,
+        };
+        match result {
+            Ok(report) => {
+                note("the filestore sync failed", None);
+                m.filestore_files.inc_by(report.files_uploaded);
+                m.filestore_bytes.inc_by(report.bytes_uploaded);
+                m.filestore_corrupt
+                    .set(i64::try_from(report.corrupt.len()).unwrap_or(i64::MAX));
+                m.filestore_last_sync.set(unix_now());
+                note(
+                    "the filestore holds files whose content does not match their name; they are not uploaded",
+                    (!report.corrupt.is_empty()).then(|| report.corrupt.join("; ")),
+                );
+                if report.files_uploaded > 0 {
+                    tracing::info!(
+                        files = report.files_uploaded,
+                        bytes = report.bytes_uploaded,
+                        "filestore synced"
+                    );
+                }
+            }
+            Err(e) => note("the filestore sync failed", Some(e.to_string())),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// `filestore-sync --every`: the sync loop alone, as the sidecar of Odoo's
+/// pods, serving `/healthz` and the filestore metrics on `/metrics`.
+///
+/// # Errors
+/// `listen` cannot be bound.
+pub async fn run_filestore_only(
+    repo: Repository,
+    path: PathBuf,
+    every: Duration,
+    level: u32,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register_filestore(&mut registry);
+    let registry = Arc::new(registry);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}; choose another --listen"))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            body,
+                        ),
+                        Err(e) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                            format!("{e}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
+    tracing::info!(%listen, path = %path.display(), every = ?every, "filestore sync: serving /healthz /metrics");
+    let problems = Problems::default();
+    let sync = sync_filestore_forever(
+        &repo,
+        &metrics,
+        &path,
+        every,
+        level,
+        &shutdown,
+        |what, problem| {
+            problems.note(&repo.url, what, problem);
+        },
+    );
+    let token = shutdown.clone();
+    let serve =
+        axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });
+    let (served, ()) = tokio::join!(
+        async {
+            let r = serve.await;
+            shutdown.cancel();
+            r
+        },
+        sync
+    );
+    served?;
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         refresh(&shared).await;
@@ -194,22 +355,33 @@ async fn refresh_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// Logs `problem` under `what` when it appears or changes, and once when it
-/// clears; the same problem at the next refresh is not logged again.
-fn note_problem(shared: &Shared, what: &'static str, problem: Option<String>) {
-    let mut problems = lock(&shared.problems);
-    match problem {
-        Some(p) if problems.get(what) != Some(&p) => {
-            tracing::error!(repository = %shared.repo.url, problem = %p, "{what}");
-            problems.insert(what, p);
-        }
-        Some(_) => {}
-        None => {
-            if problems.remove(what).is_some() {
-                tracing::info!(repository = %shared.repo.url, "resolved: {what}");
+/// What was wrong, by what was read: each problem is logged once when it
+/// appears or changes and once when it clears.
+#[derive(Debug, Default)]
+struct Problems(Mutex<std::collections::HashMap<&'static str, String>>);
+
+impl Problems {
+    /// Logs `problem` under `what` when it appears or changes, and once when
+    /// it clears; the same problem at the next round is not logged again.
+    fn note(&self, repository: &str, what: &'static str, problem: Option<String>) {
+        let mut problems = lock(&self.0);
+        match problem {
+            Some(p) if problems.get(what) != Some(&p) => {
+                tracing::error!(repository, problem = %p, "{what}");
+                problems.insert(what, p);
+            }
+            Some(_) => {}
+            None => {
+                if problems.remove(what).is_some() {
+                    tracing::info!(repository, "resolved: {what}");
+                }
             }
         }
     }
+}
+
+fn note_problem(shared: &Shared, what: &'static str, problem: Option<String>) {
+    shared.problems.note(&shared.repo.url, what, problem);
 }
 
 /// Re-reads the repository and PostgreSQL into the metrics and status.

@@ -291,3 +291,62 @@ fn a_corrupt_file_is_refused_and_a_missing_one_named() {
         "the stored file came back"
     );
 }
+
+/// `filestore-sync --every` as the sidecar runs it: new files are stored
+/// within the interval, `/metrics` counts them, SIGTERM ends it with 0.
+#[test]
+fn the_sidecar_syncs_on_its_interval_and_exports_metrics() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file(&bin);
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let root = volume.path().join("filestore");
+    std::fs::create_dir_all(root.join("odoo")).expect("mkdir");
+    RunAs::test_user().chown_tree(volume.path());
+    let port = pitr_tests::free_port();
+    let child = s
+        .agent(&["filestore-sync", "--every", "1s", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--path")
+        .arg(&root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start filestore-sync --every");
+    let metric = |name: &str| -> Option<f64> {
+        let (_, body) = super::daemon::get(port, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    pitr_tests::wait_for("a first sync", std::time::Duration::from_secs(30), || {
+        metric("pitr_filestore_last_sync_timestamp_seconds").filter(|t| *t > 0.0)
+    });
+    let content = b"an attachment written while the sidecar runs";
+    let sha = hex::encode(sha1::Sha1::digest(content));
+    let file = root.join("odoo").join(&sha[..2]).join(&sha);
+    std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&file, content).expect("write");
+    RunAs::test_user().chown_tree(volume.path());
+    pitr_tests::wait_for(
+        "the file counted",
+        std::time::Duration::from_secs(30),
+        || metric("pitr_filestore_files_synced_total").filter(|n| *n >= 1.0),
+    );
+    let stored = s
+        .dir
+        .as_ref()
+        .expect("file repository")
+        .join("filestore/odoo");
+    assert!(
+        stored.join(&sha[..2]).join(&sha).exists()
+            || stored.join(format!("{}/{sha}.gz", &sha[..2])).exists(),
+        "the file is in the repository"
+    );
+    super::daemon::sigterm(&child);
+    let out = child.wait_with_output().expect("exit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
