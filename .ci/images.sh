@@ -198,7 +198,8 @@ runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D "$pg_dir/data" -U po
 runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$pg_dir/data" -l "$pg_dir/log" -w \
   -o "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$pg_dir" start >/dev/null
 runuser -u postgres -- /usr/lib/postgresql/15/bin/psql -h "$pg_dir" -p "$pg_port" -X -q \
-  -c "CREATE ROLE odoo LOGIN CREATEDB PASSWORD 'odoo-ci-secret'" -c "CREATE DATABASE odoo OWNER odoo"
+  -c "CREATE ROLE odoo LOGIN CREATEDB PASSWORD 'odoo-ci-secret'" -c "CREATE DATABASE odoo OWNER odoo" \
+  -c "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO odoo"
 c=$(buildah from --pull-never localhost/odoo:ci)
 mkdir -p "$run/pid"
 chmod 0777 "$run/pid"
@@ -208,6 +209,8 @@ buildah run -v "$run/pid:/ci-pid" --env DB_HOST=127.0.0.1 --env DB_PORT="$pg_por
   sh -c 'echo $$ > /ci-pid/entrypoint; exec /usr/local/bin/entrypoint.sh odoo' >"$run/odoo.log" 2>&1 &
 odoo_job=$!
 wait_for_line "$run/odoo.log" "odoo: serving on 8069 as uid 1000"
+grep -q "migrations: restore point 'odoo-upgrade odoo " "$run/odoo.log" ||
+  die "no restore point before the update: $(cat "$run/odoo.log")"
 grep -q "migrations: database odoo updated" "$run/odoo.log" || die "no migration step: $(cat "$run/odoo.log")"
 if grep -q "odoo-ci-secret" "$run/odoo.log"; then die "the entrypoint printed the password"; fi
 healthcheck localhost/odoo:ci "$c" || die "Odoo's HEALTHCHECK fails with the database up: $(cat "$run/odoo.log")"

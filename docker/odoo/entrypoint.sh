@@ -5,7 +5,8 @@
 #   2. waits for PostgreSQL with exponential backoff, up to DB_WAIT_TIMEOUT
 #      (60 s), and fails with a clear message;
 #   3. applies module updates to the databases in ODOO_DB when the image
-#      version changed, and logs what it did;
+#      version changed, after a restore point that undoes them
+#      (ODOO_UPGRADE_RESTORE_POINT=off skips it), and logs what it did;
 #   4. runs Odoo and, on SIGTERM, lets it finish in-flight requests for up to
 #      ODOO_STOP_TIMEOUT (30 s) before it is killed.
 # Any other command (bash, odoo shell ...) runs as given, without these steps.
@@ -78,6 +79,12 @@ if [ -n "${ODOO_DB:-}" ]; then
     fi
     log "migrations: database $db: updating modules '$ODOO_UPDATE' ($current -> $ODOO_IMAGE_VERSION)"
     started=$(date +%s)
+    # The undo point: pgrestore --target-name brings database and filestore
+    # back to the moment before the update.
+    if [ "${ODOO_UPGRADE_RESTORE_POINT:-on}" != off ]; then
+      python3 "$(dirname "$0")/restore_point.py" "$db" "$current" "$ODOO_IMAGE_VERSION" ||
+        die "migrations: no restore point, so database $db was not updated (see the line above)"
+    fi
     # One replica at a time: the lock lives on the shared filestore.
     if ! flock "$ODOO_DATA_DIR/.migrate.lock" \
         odoo -c "$ODOO_RC" -d "$db" -u "$ODOO_UPDATE" --stop-after-init --no-http; then

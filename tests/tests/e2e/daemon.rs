@@ -71,12 +71,20 @@ fn scheduled_backups_metrics_and_a_clean_sigterm() {
     let setup = Setup::file(&bin);
     setup.pg.pgbench(&["-i", "-s", "2", "-q"]);
     let port = free_port();
+    let filestore = pitr_tests::user_tempdir(pitr_tests::RunAs::test_user(), "filestore");
     // Streaming on, as the manifests ship it: scheduled backups run beside
     // the stream, and every metric the alerts and dashboard use exists.
     let mut daemon = start_daemon(
         &setup,
         port,
-        &["--backup-schedule", "*/2 * * * * *", "--stream", "on"],
+        &[
+            "--backup-schedule",
+            "*/2 * * * * *",
+            "--stream",
+            "on",
+            "--filestore-path",
+            &filestore.path().display().to_string(),
+        ],
     );
 
     let (code, body) = get(port, "/metrics").expect("metrics");

@@ -230,6 +230,34 @@ fn the_odoo_entrypoint_updates_once_per_version_and_stops_gracefully() {
             .any(|l| l.contains("migrations: database acme updated")),
         "{seen:?}"
     );
+    // The undo point before the update, in the WAL as pg_waldump reads it.
+    let point = seen
+        .iter()
+        .find_map(|l| {
+            l.split("restore point '")
+                .nth(1)?
+                .split('\'')
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no restore point logged: {seen:?}"));
+    assert!(
+        point.starts_with("odoo-upgrade acme none->17.0-1 "),
+        "{point}"
+    );
+    // A restore point is not flushed by itself; a checkpoint flushes it.
+    pg.exec("CHECKPOINT");
+    let segment = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let dump = Command::new(bin.tool("pg_waldump"))
+        .args(["-r", "XLOG"])
+        .arg(pg.data.join("pg_wal").join(&segment))
+        .output()
+        .expect("pg_waldump");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains(&format!("RESTORE_POINT {point}")),
+        "pg_waldump shows no restore point {point:?}:\n{dump}"
+    );
     let mode = std::fs::metadata(&conf).expect("odoo.conf").permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,

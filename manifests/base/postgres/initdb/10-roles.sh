@@ -7,6 +7,9 @@ set -euo pipefail
 psql -v ON_ERROR_STOP=1 --username postgres --dbname postgres \
   --set=role="$ODOO_DB_USER" --set=password="$ODOO_DB_PASSWORD" <<'SQL'
 SELECT format('CREATE ROLE %I LOGIN CREATEDB PASSWORD %L', :'role', :'password') \gexec
+-- The Odoo entrypoint's restore point before each module update; nothing
+-- else of the superuser's.
+SELECT format('GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO %I', :'role') \gexec
 SQL
 if [ -n "${KEYCLOAK_DB_PASSWORD:-}" ]; then
   psql -v ON_ERROR_STOP=1 --username postgres --dbname postgres \
