@@ -232,9 +232,18 @@ pub async fn sync_filestore_forever(
 ) {
     let mut state = crate::filestore::SyncState::default();
     loop {
-        let result = tokio::select! {
-            r = crate::filestore::sync(repo, path, &mut state, level) => r,
-            () = shutdown.cancelled() => return,
+        // Odoo creates the directory with its first attachment: until then
+        // there is nothing to sync, which is not a failure.
+        let result = if tokio::fs::metadata(path)
+            .await
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            Ok(crate::filestore::SyncReport::default())
+        } else {
+            tokio::select! {
+                r = crate::filestore::sync(repo, path, &mut state, level) => r,
+                () = shutdown.cancelled() => return,
+            }
         };
         match result {
             Ok(report) => {
