@@ -64,10 +64,12 @@ pub(crate) struct RestoreArgs {
     #[arg(long)]
     pub(crate) start: bool,
     /// Restore the Odoo filestore too, into this new (or empty) directory:
-    /// once recovery reached the target, every file the restored databases'
-    /// `ir_attachment` rows reference, as DIR/<db>/<xx>/<sha1>, each checked
-    /// against its SHA-1. A missing file is named and makes the exit 1.
-    /// Needs --start (and a target action other than shutdown).
+    /// every file the restored databases' `ir_attachment` rows reference,
+    /// as DIR/<db>/<xx>/<sha1>, each checked against its SHA-1. A missing
+    /// file is named and makes the exit 1. With a target it needs --start
+    /// (and an action other than shutdown) and runs once recovery reached
+    /// the target; alone, it reads an already restored server given by
+    /// PGHOST, PGPORT and PGUSER.
     #[arg(long, value_name = "DIR")]
     pub(crate) filestore: Option<PathBuf>,
     /// Port for --start (it names the Unix socket; no TCP listener)

@@ -23,6 +23,14 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             eprintln!("{line}");
         }
     };
+    let no_target = args.target_time.is_none()
+        && args.target_lsn.is_none()
+        && args.target_xid.is_none()
+        && args.target_name.is_none()
+        && args.target.is_none();
+    if let (true, false, Some(fs_dir)) = (no_target, args.start, &args.filestore) {
+        return filestore_only(repo_args, &args, fs_dir, &say).await;
+    }
     let target = target_of(&args)?;
     if let RecoveryTarget::Time(t) = &target
         && t.assumed_utc
@@ -46,8 +54,9 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     let filestore = match &args.filestore {
         None => None,
         Some(_) if !args.start => bail!(
-            "--filestore restores the files the restored databases reference, so it needs \
-             --start: add --start"
+            "--filestore with a recovery target restores the files the restored databases \
+             reference once recovery reached it, so it needs --start: add --start (or run \
+             pgrestore --filestore DIR alone later, against the restored server)"
         ),
         Some(_) if args.target_action == TargetAction::Shutdown => bail!(
             "--filestore reads the restored databases once they reached the target, so the \
@@ -291,6 +300,52 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `pgrestore --filestore DIR` alone: the filestore of the databases of an
+/// already restored server, reached through the libpq variables.
+async fn filestore_only(
+    repo_args: &RepoArgs,
+    args: &RestoreArgs,
+    fs_dir: &Path,
+    say: &impl Fn(&str),
+) -> anyhow::Result<ExitCode> {
+    let fs_dir = std::path::absolute(fs_dir).unwrap_or_else(|_| fs_dir.to_path_buf());
+    let existed = check_target_dir(&fs_dir).map_err(|e| anyhow::anyhow!("--filestore: {e}"))?;
+    let repo = repo_args.open().await?;
+    repo.owner().await?;
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let pg = pitr_agent::pgconn::PgArgs {
+        host: env("PGHOST"),
+        port: env("PGPORT").and_then(|p| p.parse().ok()),
+        user: Some(args.pg_user.clone()),
+        database: None,
+        service: env("PGSERVICE"),
+        bin: None,
+    }
+    .resolve()?;
+    say(&format!(
+        "pgrestore: filestore of the databases at {} (PGHOST, PGPORT, PGUSER)",
+        pg.describe()
+    ));
+    let report = restore_filestore(&repo, &pg, &fs_dir, existed, say).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if report.missing.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for m in &report.missing {
+        eprintln!("pgrestore: error: {m}");
+    }
+    eprintln!(
+        "pgrestore: error: {} attachment file(s) are missing from the restored filestore {}: \
+         Odoo shows them as broken. Check that filestore-sync runs (pitr_filestore_last_sync), \
+         or restore to an earlier target",
+        report.missing.len(),
+        fs_dir.display()
+    );
+    Ok(ExitCode::from(1))
 }
 
 /// The filestore of the restored databases, into `dir`.

@@ -204,6 +204,30 @@ fn the_filestore_comes_back_at_a_point_in_time(kind: Option<S3Kind>, large_mb: u
         !restored_fs.join("odoo").join(&later_rel).exists(),
         "a file referenced only after the target is not restored"
     );
+
+    // Later, against the restored server alone (as the Kubernetes restore
+    // Job does once PostgreSQL runs again): the same files.
+    let again_fs = r.socket.join("filestore-again");
+    let mut cmd = Command::new(pitr_tests::bins::pgrestore());
+    RunAs::test_user().apply(&mut cmd);
+    let out = cmd
+        .current_dir(std::env::temp_dir())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(s.env.iter().cloned())
+        .env("PGHOST", &r.socket)
+        .env("PGPORT", r.port.to_string())
+        .env("PGUSER", "postgres")
+        .args(["--repo", &s.repo, "--filestore"])
+        .arg(&again_fs)
+        .output()
+        .expect("run pgrestore --filestore");
+    ok(&out, "pgrestore --filestore alone");
+    for rel in [&text_rel, &pdf_rel, &jpeg_rel, &large_rel] {
+        assert!(
+            again_fs.join("odoo").join(rel).is_file(),
+            "{rel} restored again"
+        );
+    }
 }
 
 #[test]

@@ -75,12 +75,14 @@ fn every_overlay_renders_and_validates_strictly() {
         let kinds = text.matches("\nkind: ").count() + usize::from(text.starts_with("kind: "));
         assert!(kinds >= 10, "{overlay} renders only {kinds} objects");
     }
-    run(
-        Command::new("kubernetes-validate")
-            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-            .arg(repo_root().join("manifests/restore/restore-job.yaml")),
-        "kubernetes-validate --strict on the restore Job",
-    );
+    for job in ["restore-job.yaml", "filestore-restore-job.yaml"] {
+        run(
+            Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+                .arg(repo_root().join("manifests/restore").join(job)),
+            &format!("kubernetes-validate --strict on {job}"),
+        );
+    }
 }
 
 #[test]
@@ -93,11 +95,13 @@ fn checkov_passes_on_every_overlay_and_the_restore_job() {
         let Some(text) = render(overlay) else { return };
         std::fs::write(dir.path().join(format!("{overlay}.yaml")), text).expect("write");
     }
-    std::fs::copy(
-        repo_root().join("manifests/restore/restore-job.yaml"),
-        dir.path().join("restore-job.yaml"),
-    )
-    .expect("copy");
+    for job in ["restore-job.yaml", "filestore-restore-job.yaml"] {
+        std::fs::copy(
+            repo_root().join("manifests/restore").join(job),
+            dir.path().join(job),
+        )
+        .expect("copy");
+    }
     let out = run(
         Command::new("checkov")
             .arg("-d")
