@@ -61,6 +61,7 @@ bench:
 	cargo bench --workspace --bench backup
 	cargo bench --workspace --bench restore
 	cargo bench --workspace --bench stream
+	cargo bench --workspace --bench filestore
 
 lint:
 	cargo fmt --all -- --check

@@ -2,7 +2,7 @@
 # Installs what the tests (and, with --bench, the benchmark) need on Debian 12.
 # Idempotent. As root it installs; otherwise it says exactly what is missing.
 #   --demo    only what `make demo` needs (a PostgreSQL server)
-#   --bench   also pgBackRest, pigz and gzip for `make bench`
+#   --bench   also pgBackRest, pigz, gzip and rsync for `make bench`
 set -euo pipefail
 mode="test"
 case "${1:-}" in --demo) mode=demo ;; --bench) mode=bench ;; "") ;; *) echo "usage: $0 [--demo|--bench]" >&2; exit 2 ;; esac
@@ -18,7 +18,7 @@ if [ "$mode" != demo ]; then
   # GNU time: the peak memory of one wal-push (issue 12), and the benchmark.
   apt_pkgs+=(time)
 fi
-[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip)
+[ "$mode" = bench ] && apt_pkgs+=(pgbackrest pigz gzip rsync)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
