@@ -374,7 +374,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for CheckedReader<R> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let new = buf.filled()[before..].to_vec();
+                let new = &buf.filled()[before..];
                 if new.is_empty() && !self.done {
                     self.done = true;
                     let got = hex::encode(self.hasher.clone().finalize());
@@ -386,7 +386,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for CheckedReader<R> {
                         )));
                     }
                 } else {
-                    self.hasher.update(&new);
+                    self.hasher.update(new);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -495,7 +495,7 @@ async fn write_index(
     db: &str,
     added: Vec<IndexEntry>,
 ) -> Result<(), FilestoreError> {
-    let now = chrono_like_now();
+    let now = index_time();
     let index = SyncIndex {
         format: 1,
         time: now.0,
@@ -518,7 +518,7 @@ async fn write_index(
 }
 
 /// Now as RFC 3339 with microseconds, and as a key-safe sortable stamp.
-fn chrono_like_now() -> (String, String) {
+fn index_time() -> (String, String) {
     let now = std::time::SystemTime::now();
     let text = humantime::format_rfc3339_micros(now).to_string();
     let stamp = text.replace([':', '-'], "").replace('.', "");

@@ -176,8 +176,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
     ));
 
     let mut reached = None;
-    let mut filestore_report = None;
-    let mut exit_missing = false;
+    let mut filestore_report: Option<pitr_agent::filestore::RestoreReport> = None;
     if args.start {
         let pg = pitr_agent::pgconn::PgArgs {
             host: None,
@@ -256,24 +255,8 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
                 bin: None,
                 service_password: None,
             };
-            let report = restore_filestore(&repo, &target_pg, fs_dir, *fs_existed, &say).await?;
-            if !report.missing.is_empty() {
-                for m in &report.missing {
-                    eprintln!("pgrestore: error: {m}");
-                }
-                eprintln!(
-                    "pgrestore: error: the database reached the target, but {} attachment \
-                     file(s) are missing from the restored filestore {}: Odoo shows them as \
-                     broken. Check that filestore-sync runs (pitr_filestore_last_sync), or \
-                     restore to an earlier target",
-                    report.missing.len(),
-                    fs_dir.display()
-                );
-                filestore_report = Some(report);
-                exit_missing = true;
-            } else {
-                filestore_report = Some(report);
-            }
+            filestore_report =
+                Some(restore_filestore(&repo, &target_pg, fs_dir, *fs_existed, &say).await?);
         }
     } else {
         say(&format!(
@@ -282,6 +265,9 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             dir.display()
         ));
     }
+    let missing = filestore_report
+        .as_ref()
+        .is_some_and(|r| !r.missing.is_empty());
     if args.json {
         let doc = serde_json::json!({
             "plan": plan,
@@ -295,7 +281,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
-    Ok(if exit_missing {
+    Ok(if missing {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -332,20 +318,11 @@ async fn filestore_only(
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
-    if report.missing.is_empty() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    for m in &report.missing {
-        eprintln!("pgrestore: error: {m}");
-    }
-    eprintln!(
-        "pgrestore: error: {} attachment file(s) are missing from the restored filestore {}: \
-         Odoo shows them as broken. Check that filestore-sync runs (pitr_filestore_last_sync), \
-         or restore to an earlier target",
-        report.missing.len(),
-        fs_dir.display()
-    );
-    Ok(ExitCode::from(1))
+    Ok(if report.missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The filestore of the restored databases, into `dir`.
@@ -378,6 +355,19 @@ async fn restore_filestore(
                 report::bytes(report.bytes),
                 started.elapsed().as_secs_f64()
             ));
+            for m in &report.missing {
+                eprintln!("pgrestore: error: {m}");
+            }
+            if !report.missing.is_empty() {
+                eprintln!(
+                    "pgrestore: error: the databases are restored, but {} attachment file(s) are \
+                     missing from the restored filestore {}: Odoo shows them as broken. Check \
+                     that filestore-sync runs (pitr_filestore_last_sync), or restore to an \
+                     earlier target",
+                    report.missing.len(),
+                    dir.display()
+                );
+            }
             Ok(report)
         }
         Err(e) => {

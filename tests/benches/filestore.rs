@@ -149,11 +149,7 @@ fn main() {
                 raw as f64 / b.max(1) as f64
             )),
             tar_s / s,
-            if *rss > 0 {
-                format!("{:.0}", *rss as f64 / 1024.0)
-            } else {
-                "-".into()
-            },
+            rss_mib(*rss),
         )
         .ok();
     }
@@ -237,14 +233,19 @@ fn main() {
             "| {tool} | {s:.2} | {:.0} | {:.2} | {} |",
             raw as f64 / f64::from(1 << 20) / s,
             untar_s / s,
-            if *rss > 0 {
-                format!("{:.0}", *rss as f64 / 1024.0)
-            } else {
-                "-".into()
-            },
+            rss_mib(*rss),
         )
         .ok();
     }
     drop(pg);
     print!("{report}");
+}
+
+/// Peak RSS in MiB from KiB, or `-` when it was not measured.
+fn rss_mib(kib: i64) -> String {
+    if kib > 0 {
+        format!("{:.0}", kib as f64 / 1024.0)
+    } else {
+        "-".into()
+    }
 }

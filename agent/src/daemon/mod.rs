@@ -300,24 +300,7 @@ pub async fn run_filestore_only(
             "/metrics",
             get(move || {
                 let registry = Arc::clone(&registry);
-                async move {
-                    let mut body = String::new();
-                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(
-                                header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            )],
-                            body,
-                        ),
-                        Err(e) => (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                            format!("{e}\n"),
-                        ),
-                    }
-                }
+                async move { encode_metrics(&registry) }
             }),
         );
     tracing::info!(%listen, path = %path.display(), every = ?every, "filestore sync: serving /healthz /metrics");
@@ -725,8 +708,15 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     if let Some(stream) = &shared.stream {
         shared.metrics.update_from_stream(&lock(stream));
     }
+    encode_metrics(&shared.registry)
+}
+
+/// `/metrics`: the registry in Prometheus' text format.
+fn encode_metrics(
+    registry: &Registry,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
             StatusCode::OK,
             [(
