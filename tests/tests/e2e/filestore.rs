@@ -374,3 +374,103 @@ fn the_sidecar_syncs_on_its_interval_and_exports_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The sync through an S3 store that fails a fifth of its requests (503s,
+/// writes applied but answered 500, dropped connections): it ends with
+/// every file stored once, a second sync finds nothing to do, and the
+/// restore gets every file back byte-identical.
+#[test]
+fn a_flaky_store_loses_no_file() {
+    use pitr_tests::faultproxy::{Fault, FaultProxy};
+    let Some(bin) = pg_bin() else { return };
+    let Some(s) = Setup::s3(&bin, S3Kind::Moto, "filestore-flaky") else {
+        return;
+    };
+    s.pg.exec("CREATE DATABASE odoo");
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let odoo = Odoo {
+        s: &s,
+        root: volume.path().join("filestore"),
+    };
+    odoo.sql(
+        "CREATE TABLE ir_attachment (id serial PRIMARY KEY, name text, store_fname varchar, \
+         checksum varchar(40), file_size int)",
+    );
+    s.backup();
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let content = if i % 2 == 0 {
+            format!("<line id=\"{i}\">text that compresses</line>\n")
+                .repeat(200)
+                .into_bytes()
+        } else {
+            random(20 << 10, b"\xff\xd8\xff")
+        };
+        let (_, rel) = odoo.attach(&format!("f{i}"), &content);
+        files.push((rel, content));
+    }
+    let large = random(12 << 20, b"%PDF-1.4\n");
+    let (_, large_rel) = odoo.attach("scan.pdf", &large);
+    files.push((large_rel, large));
+    RunAs::test_user().chown_tree(volume.path());
+
+    let endpoint = s
+        .server
+        .as_ref()
+        .expect("an S3 server")
+        .endpoint()
+        .to_owned();
+    let proxy = FaultProxy::start(
+        &endpoint,
+        0xf11e,
+        0.2,
+        &[
+            Fault::Unavailable,
+            Fault::FailedAfterWrite,
+            Fault::DropBefore,
+            Fault::DropAfter,
+        ],
+    );
+    let flaky_sync = || {
+        s.agent(&["filestore-sync", "--json", "--path"])
+            .arg(&odoo.root)
+            .env("PITR_S3_ENDPOINT", proxy.endpoint())
+            .env("PITR_S3_MAX_ATTEMPTS", "8")
+            .output()
+            .expect("run filestore-sync")
+    };
+    let out = flaky_sync();
+    ok(&out, "filestore-sync through the faults");
+    assert_eq!(json(&out)["files-uploaded"], 41);
+    let again = flaky_sync();
+    ok(&again, "a second sync through the faults");
+    assert_eq!(json(&again)["files-uploaded"], 0);
+    assert!(
+        proxy
+            .counts
+            .faulted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3,
+        "faults happened: {:?}",
+        proxy.counts
+    );
+
+    let _ = s.archive_now();
+    let r = Restored::new(&bin);
+    let restored_fs = r.socket.join("filestore");
+    let out = r.pgrestore(
+        &s,
+        &[
+            "--target",
+            "latest",
+            "--start",
+            "--filestore",
+            &restored_fs.display().to_string(),
+        ],
+    );
+    ok(&out, "pgrestore --filestore after the flaky sync");
+    for (rel, content) in &files {
+        let got = std::fs::read(restored_fs.join("odoo").join(rel)).expect("restored file");
+        assert!(got == *content, "{rel} is byte-identical");
+    }
+}
