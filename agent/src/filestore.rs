@@ -71,6 +71,17 @@ pub enum FilestoreError {
         /// The file.
         path: String,
     },
+    /// An index object cannot be read.
+    #[error(
+        "filestore index {key} cannot be read ({detail}); it was not written by a sync of this \
+         version: move it out of the repository so that prune and the sync can decide again"
+    )]
+    Index {
+        /// The object.
+        key: String,
+        /// Why.
+        detail: String,
+    },
     /// The restore directory could not be written.
     #[error("write {path}: {source}")]
     Write {
@@ -142,8 +153,12 @@ pub struct SyncIndex {
     pub time: String,
     /// The database (the directory under the filestore).
     pub database: String,
-    /// What was added.
+    /// What was added (or seen again after its removal).
     pub added: Vec<IndexEntry>,
+    /// What the repository holds but this sync no longer found on the
+    /// volume: removed by Odoo's garbage collection (`<xx>/<sha1>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// One file a sync added.
@@ -172,38 +187,119 @@ pub struct SyncReport {
     pub bytes_uploaded: u64,
     /// Their size in the repository.
     pub bytes_stored: u64,
+    /// Files the repository holds that this sync found removed from the
+    /// volume (recorded in the index, for prune).
+    pub files_removed: u64,
     /// Files whose content does not hash to their name: never uploaded.
     pub corrupt: Vec<String>,
 }
 
 /// What the repository is known to hold, kept between syncs (the daemon
-/// lists each database's prefix once, then adds what it uploads).
+/// lists each database's prefix and reads its index once, then adds what it
+/// uploads; [`SyncState::expire`] makes it read them again).
 #[derive(Debug, Default)]
 pub struct SyncState {
-    known: HashMap<String, HashSet<String>>,
+    known: HashMap<String, DbState>,
+    loaded: Option<std::time::Instant>,
+}
+
+/// One database's files in the repository.
+#[derive(Debug, Default)]
+struct DbState {
+    /// Stored in the repository.
+    stored: HashSet<String>,
+    /// Stored, and recorded as removed from the volume by the newest index
+    /// entry that names them.
+    removed: HashSet<String>,
 }
 
 impl SyncState {
-    async fn known(
-        &mut self,
-        repo: &Repository,
-        db: &str,
-    ) -> Result<&mut HashSet<String>, StorageError> {
+    /// Forgets what it knew once it is older than `max_age`, so that the
+    /// next sync lists the repository again: an object deleted behind the
+    /// sync's back (a prune racing a file's return) is then uploaded again.
+    pub fn expire(&mut self, max_age: std::time::Duration) {
+        if self.loaded.is_some_and(|t| t.elapsed() >= max_age) {
+            *self = Self::default();
+        }
+    }
+
+    async fn db(&mut self, repo: &Repository, db: &str) -> Result<&mut DbState, FilestoreError> {
         if !self.known.contains_key(db) {
             let prefix = format!("{PREFIX}{db}/");
-            let mut set = HashSet::new();
+            let mut state = DbState::default();
             for meta in repo.storage.list(&prefix).await? {
                 if let Some(rel) = meta.key.as_str().strip_prefix(&prefix) {
                     let rel = rel.strip_suffix(".gz").unwrap_or(rel);
                     if is_store_fname(rel) {
-                        set.insert(rel.to_owned());
+                        state.stored.insert(rel.to_owned());
                     }
                 }
             }
-            self.known.insert(db.to_owned(), set);
+            for (rel, event) in events(repo, db).await? {
+                if event.removed && state.stored.contains(&rel) {
+                    state.removed.insert(rel);
+                }
+            }
+            self.loaded.get_or_insert_with(std::time::Instant::now);
+            self.known.insert(db.to_owned(), state);
         }
         Ok(self.known.get_mut(db).expect("inserted above"))
     }
+}
+
+/// The newest index entry naming one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEvent {
+    /// The newest entry says removed (else added).
+    pub removed: bool,
+    /// That index's time.
+    pub time: std::time::SystemTime,
+}
+
+/// Every file the index objects of `db` name, with the newest entry for
+/// each. Index keys sort by time, so they are folded in key order.
+///
+/// # Errors
+/// The repository failed, or an index object is not one.
+pub async fn events(
+    repo: &Repository,
+    db: &str,
+) -> Result<HashMap<String, FileEvent>, FilestoreError> {
+    let mut out = HashMap::new();
+    for meta in repo.storage.list(&format!("{INDEX_PREFIX}{db}/")).await? {
+        if !meta.key.as_str().ends_with(".json") {
+            continue;
+        }
+        let body = repo.storage.get(&meta.key).await?;
+        let index: SyncIndex =
+            serde_json::from_slice(&body).map_err(|e| FilestoreError::Index {
+                key: meta.key.to_string(),
+                detail: e.to_string(),
+            })?;
+        let time = humantime::parse_rfc3339(&index.time).map_err(|e| FilestoreError::Index {
+            key: meta.key.to_string(),
+            detail: format!("time {}: {e}", index.time),
+        })?;
+        for e in index.added {
+            out.insert(
+                e.store_fname,
+                FileEvent {
+                    removed: false,
+                    time,
+                },
+            );
+        }
+        for rel in index.removed {
+            out.insert(
+                rel,
+                FileEvent {
+                    removed: true,
+                    time,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 enum Uploaded {
@@ -241,6 +337,7 @@ pub async fn sync(
         }
         report.databases += 1;
         let mut added = Vec::new();
+        let mut seen = HashSet::new();
         let db_dir = entry.path();
         let mut shards = tokio::fs::read_dir(&db_dir)
             .await
@@ -269,9 +366,22 @@ pub async fn sync(
                         continue;
                     }
                     report.files_seen += 1;
-                    if !state.known(repo, &db).await?.contains(&rel) {
-                        batch.push((rel, f.path()));
+                    let known = state.db(repo, &db).await?;
+                    if !known.stored.contains(&rel) {
+                        batch.push((rel.clone(), f.path()));
+                    } else if known.removed.contains(&rel) {
+                        // Back after its removal: the object may have been
+                        // pruned since, so look before counting on it.
+                        known.removed.remove(&rel);
+                        match stored_entry(repo, &db, &rel, &f.path()).await? {
+                            Some(entry) => added.push(entry),
+                            None => {
+                                known.stored.remove(&rel);
+                                batch.push((rel.clone(), f.path()));
+                            }
+                        }
                     }
+                    seen.insert(rel);
                 }
                 if batch.len() >= BATCH || (done && !batch.is_empty()) {
                     upload_batch(
@@ -290,11 +400,115 @@ pub async fn sync(
                 }
             }
         }
-        if !added.is_empty() {
-            write_index(repo, &db, added).await?;
+        let known = state.db(repo, &db).await?;
+        let mut removed: Vec<String> = known
+            .stored
+            .iter()
+            .filter(|rel| !seen.contains(*rel) && !known.removed.contains(*rel))
+            .cloned()
+            .collect();
+        if seen.is_empty() && !removed.is_empty() {
+            // An empty directory where the repository holds files is a
+            // volume mounted wrong or lost, not a garbage collection: record
+            // nothing, so that prune keeps every file.
+            tracing::warn!(
+                database = %db,
+                stored = removed.len(),
+                "the filestore directory is empty but the repository holds its files; not \
+                 recording them as removed"
+            );
+            removed.clear();
+        }
+        removed.sort();
+        known.removed.extend(removed.iter().cloned());
+        report.files_removed += removed.len() as u64;
+        if !added.is_empty() || !removed.is_empty() {
+            write_index(repo, &db, added, removed).await?;
         }
     }
     Ok(report)
+}
+
+/// The filestore objects retention lets go, given the start of the oldest
+/// kept backup (`oldest`): those whose newest index entry records their
+/// removal from the volume more than `margin` before it (room for clocks
+/// that differ between the Odoo pods and the backups).
+///
+/// Why that is safe: Odoo writes a file before the row naming it commits and
+/// removes only files no committed row names. A file removed before the
+/// oldest restorable point is named by no row at any later point, unless it
+/// was written again, and then a later sync saw it back and recorded it as
+/// added. A file never recorded as removed (no index at all, a database
+/// directory gone, an empty directory) is kept.
+///
+/// # Errors
+/// The repository failed, or an index object cannot be read.
+pub async fn deletable(
+    repo: &Repository,
+    oldest: std::time::SystemTime,
+    margin: std::time::Duration,
+) -> Result<Vec<crate::storage::ObjectMeta>, FilestoreError> {
+    let Some(before) = oldest.checked_sub(margin) else {
+        return Ok(Vec::new());
+    };
+    let dbs: std::collections::BTreeSet<String> = repo
+        .storage
+        .list(INDEX_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|m| {
+            let rest = m.key.as_str().strip_prefix(INDEX_PREFIX)?;
+            rest.split_once('/').map(|(db, _)| db.to_owned())
+        })
+        .filter(|db| valid_db(db))
+        .collect();
+    let mut out = Vec::new();
+    for db in dbs {
+        let gone: HashSet<String> = events(repo, &db)
+            .await?
+            .into_iter()
+            .filter(|(_, e)| e.removed && e.time < before)
+            .map(|(rel, _)| rel)
+            .collect();
+        if gone.is_empty() {
+            continue;
+        }
+        let prefix = format!("{PREFIX}{db}/");
+        for meta in repo.storage.list(&prefix).await? {
+            let Some(rel) = meta.key.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            if gone.contains(rel.strip_suffix(".gz").unwrap_or(rel)) {
+                out.push(meta);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The index entry of a file the repository still holds, or `None`.
+async fn stored_entry(
+    repo: &Repository,
+    db: &str,
+    rel: &str,
+    path: &Path,
+) -> Result<Option<IndexEntry>, FilestoreError> {
+    for gzip in [false, true] {
+        if repo
+            .storage
+            .head(&object_key(db, rel, gzip)?)
+            .await?
+            .is_some()
+        {
+            let size = tokio::fs::metadata(path).await.map_or(0, |m| m.len());
+            return Ok(Some(IndexEntry {
+                store_fname: rel.to_owned(),
+                size,
+                gzip,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 async fn upload_batch(
@@ -315,7 +529,7 @@ async fn upload_batch(
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-    let known = state.known(repo, db).await?;
+    let known = &mut state.db(repo, db).await?.stored;
     let mut first_error = None;
     for (rel, path, result) in results {
         match result {
@@ -346,7 +560,7 @@ async fn upload_batch(
     match first_error {
         Some(e) => {
             if !added.is_empty() {
-                write_index(repo, db, std::mem::take(added)).await?;
+                write_index(repo, db, std::mem::take(added), Vec::new()).await?;
             }
             Err(e)
         }
@@ -494,6 +708,7 @@ async fn write_index(
     repo: &Repository,
     db: &str,
     added: Vec<IndexEntry>,
+    removed: Vec<String>,
 ) -> Result<(), FilestoreError> {
     let now = index_time();
     let index = SyncIndex {
@@ -501,6 +716,7 @@ async fn write_index(
         time: now.0,
         database: db.to_owned(),
         added,
+        removed,
     };
     let key = ObjectKey::new(format!(
         "{INDEX_PREFIX}{db}/{}-{:08x}.json",

@@ -30,6 +30,8 @@ pub struct PruneOutcome {
     pub temp_files: usize,
     /// Segments whose streamed pieces were left behind and removed.
     pub streamed_leftovers: usize,
+    /// Filestore objects deleted.
+    pub filestore_files: usize,
 }
 
 /// Deletes what `plan` says, then the temp files that writes killed midway
@@ -69,6 +71,12 @@ pub async fn apply(
         storage.delete_prefix(&id.prefix()).await?;
         tracing::info!(backup_id = %id, "removed incomplete backup");
         outcome.debris += 1;
+    }
+    for key in &plan.delete_filestore {
+        storage
+            .delete(&crate::storage::ObjectKey::new(key.clone())?)
+            .await?;
+        outcome.filestore_files += 1;
     }
     outcome.streamed_leftovers = remove_streamed_leftovers(storage, plan).await?;
     // A live write's temp file is seconds old; the grace keeps it safe.

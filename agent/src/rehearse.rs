@@ -150,6 +150,7 @@ pub async fn rehearse(
         restore_seconds: 0.0,
         databases: Vec::new(),
         user_checks: Vec::new(),
+        filestore_files: None,
         finished_at: String::new(),
     };
     if let Err((reason, error)) = run(repo, repo_args, cfg, &catalog, &mut record).await {
@@ -301,7 +302,10 @@ async fn run(
     files::check_replay_end(&plan, &reached).map_err(|e| (FailureReason::Replay, e))?;
 
     let clock = Instant::now();
-    let result = checks(cfg, &amcheck, &socket, port, record).await;
+    let mut result = checks(cfg, &amcheck, &socket, port, record).await;
+    if result.is_ok() {
+        result = filestore_check(repo, cfg, &socket, port, record).await;
+    }
     record.phases.checks = clock.elapsed().as_secs_f64();
     drop(scratch);
     result
@@ -487,6 +491,89 @@ async fn checks(
     Ok(())
 }
 
+/// When the repository has a filestore: every attachment the restored
+/// databases reference has its file in the repository, so a restore to this
+/// point gets the whole Odoo back.
+async fn filestore_check(
+    repo: &Repository,
+    cfg: &RehearseConfig,
+    socket: &Path,
+    port: u16,
+    record: &mut RehearsalRecord,
+) -> Result<(), Failed> {
+    let storage_err = |e: &dyn std::fmt::Display| {
+        (
+            FailureReason::Filestore,
+            format!("listing the filestore: {e}"),
+        )
+    };
+    if repo
+        .storage
+        .list(crate::filestore::INDEX_PREFIX)
+        .await
+        .map_err(|e| storage_err(&e))?
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let mut target = cfg.pg.clone();
+    target.host = socket.display().to_string();
+    target.port = port;
+    target.database = "postgres".to_owned();
+    let attachments = crate::filestore::attachments(&target).await.map_err(|e| {
+        (
+            FailureReason::Connect,
+            format!("reading ir_attachment: {e:#}"),
+        )
+    })?;
+    let mut stored: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        std::collections::HashMap::new();
+    let mut missing = Vec::new();
+    for a in &attachments {
+        if !stored.contains_key(&a.database) {
+            let prefix = format!("{}{}/", crate::filestore::PREFIX, a.database);
+            let names = repo
+                .storage
+                .list(&prefix)
+                .await
+                .map_err(|e| storage_err(&e))?
+                .iter()
+                .filter_map(|m| {
+                    let rel = m.key.as_str().strip_prefix(&prefix)?;
+                    Some(rel.strip_suffix(".gz").unwrap_or(rel).to_owned())
+                })
+                .collect();
+            stored.insert(a.database.clone(), names);
+        }
+        if !stored[&a.database].contains(&a.store_fname) {
+            missing.push(format!(
+                "{}: attachment {} ({})",
+                a.database, a.id, a.store_fname
+            ));
+        }
+    }
+    record.filestore_files = Some((attachments.len() - missing.len()) as u64);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+    Err((
+        FailureReason::Filestore,
+        format!(
+            "{} of {} attachments have no file in the repository (the filestore sync lags or \
+             its objects were deleted): {}{}",
+            missing.len(),
+            attachments.len(),
+            shown.join("; "),
+            if missing.len() > shown.len() {
+                "; ..."
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
 /// The statements of a checks file: split on `;`, `--` comments dropped.
 fn user_statements(text: &str) -> Vec<String> {
     let without_comments: String = text
@@ -514,7 +601,7 @@ pub fn summary(r: &RehearsalRecord) -> String {
         format!(
             "rehearsal {}: restorable. Backup {} restored and replayed to {} ({}) in {:.1} s \
              (restore {:.1} s, replay {:.1} s); checks {:.1} s: {} database(s) connect, \
-             pg_amcheck clean, {} operator check(s) true",
+             pg_amcheck clean, {} operator check(s) true{}",
             r.id,
             r.backup.as_deref().unwrap_or("?"),
             r.restored_point
@@ -526,7 +613,10 @@ pub fn summary(r: &RehearsalRecord) -> String {
             r.phases.replay,
             r.phases.checks,
             r.databases.len(),
-            r.user_checks.len()
+            r.user_checks.len(),
+            r.filestore_files.map_or(String::new(), |n| format!(
+                ", the file of each of {n} attachment(s) in the repository"
+            ))
         )
     } else {
         format!(

@@ -380,6 +380,14 @@ pub fn plan_text(plan: &RetentionPlan, dry_run: bool) -> String {
     for id in &plan.delete_debris {
         let _ = writeln!(out, "{verb} incomplete backup {id}");
     }
+    if !plan.delete_filestore.is_empty() {
+        let _ = writeln!(
+            out,
+            "{verb} {} filestore files ({}) removed from the volume before the oldest kept backup",
+            plan.delete_filestore.len(),
+            bytes(plan.delete_filestore_bytes)
+        );
+    }
     if plan.is_empty() {
         out.push_str("nothing to prune\n");
     }

@@ -22,6 +22,8 @@ pub enum FailureReason {
     UserCheck,
     /// The restore took longer than the RTO objective.
     TooSlow,
+    /// An attachment's filestore file is missing from the repository.
+    Filestore,
     /// The rehearsal itself could not run (scratch space, programs).
     Internal,
 }
@@ -38,12 +40,13 @@ impl FailureReason {
             Self::Connect => "connect",
             Self::UserCheck => "user-check",
             Self::TooSlow => "too-slow",
+            Self::Filestore => "filestore",
             Self::Internal => "internal",
         }
     }
 
     /// Every reason, for creating the metric's series.
-    pub const ALL: [FailureReason; 8] = [
+    pub const ALL: [FailureReason; 9] = [
         Self::Plan,
         Self::Restore,
         Self::Replay,
@@ -51,6 +54,7 @@ impl FailureReason {
         Self::Connect,
         Self::UserCheck,
         Self::TooSlow,
+        Self::Filestore,
         Self::Internal,
     ];
 }
@@ -99,6 +103,10 @@ pub struct RehearsalRecord {
     pub databases: Vec<String>,
     /// The operator checks that ran, in order.
     pub user_checks: Vec<String>,
+    /// Attachments whose filestore file was found in the repository, when
+    /// the repository has a filestore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filestore_files: Option<u64>,
     /// When it finished, RFC 3339.
     pub finished_at: String,
 }

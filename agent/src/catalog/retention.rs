@@ -20,6 +20,9 @@ pub struct RetentionPolicy {
     pub retain_days: Option<u32>,
     /// Incomplete backups older than this are debris.
     pub debris_grace: Duration,
+    /// A filestore file goes only once its removal was recorded this long
+    /// before the oldest kept backup started (clock differences).
+    pub filestore_margin: Duration,
 }
 
 /// Why a policy cannot be applied.
@@ -47,6 +50,11 @@ pub struct RetentionPlan {
     pub delete_wal_bytes: u64,
     /// Incomplete backups past the grace period.
     pub delete_debris: Vec<BackupId>,
+    /// Filestore objects whose file was removed from the volume before the
+    /// oldest kept backup started (see [`crate::filestore::deletable`]).
+    pub delete_filestore: Vec<String>,
+    /// Their stored bytes.
+    pub delete_filestore_bytes: u64,
     /// The oldest segment number still needed, if any backup is kept.
     #[serde(skip)]
     pub wal_floor: Option<SegmentNo>,
@@ -200,6 +208,8 @@ impl RetentionPlan {
             delete_wal,
             delete_wal_bytes,
             delete_debris,
+            delete_filestore: Vec::new(),
+            delete_filestore_bytes: 0,
             wal_floor,
             segment_size,
             delete_summaries,
@@ -212,6 +222,17 @@ impl RetentionPlan {
         self.delete_backups.is_empty()
             && self.delete_wal.is_empty()
             && self.delete_debris.is_empty()
+            && self.delete_filestore.is_empty()
+    }
+
+    /// When the oldest kept backup started: nothing restorable is older.
+    #[must_use]
+    pub fn oldest_kept_start(&self, catalog: &Catalog) -> Option<SystemTime> {
+        self.keep
+            .iter()
+            .filter_map(|k| catalog.backups.iter().find(|b| b.id == k.id))
+            .map(|b| b.start_time)
+            .min()
     }
 }
 
@@ -288,6 +309,7 @@ mod tests {
             retain_full: full,
             retain_days: days,
             debris_grace: Duration::from_secs(DAY),
+            filestore_margin: Duration::from_secs(3600),
         }
     }
 

@@ -165,6 +165,11 @@ pub struct RetentionArgs {
     /// Incomplete backups and temp files younger than this are left alone (they may be running).
     #[arg(long, env = "PITR_DEBRIS_GRACE", default_value = "24h", value_parser = crate::cli::parse_duration)]
     pub debris_grace: Duration,
+    /// A filestore file removed from the volume goes only once its removal
+    /// was seen this long before the oldest kept backup started: room for
+    /// clocks that differ between Odoo's pods and the database.
+    #[arg(long, env = "PITR_FILESTORE_MARGIN", default_value = "1h", value_parser = crate::cli::parse_duration)]
+    pub filestore_margin: Duration,
 }
 
 impl RetentionArgs {
@@ -175,6 +180,7 @@ impl RetentionArgs {
             retain_full: self.retain_full,
             retain_days: self.retain_days,
             debris_grace: self.debris_grace,
+            filestore_margin: self.filestore_margin,
         }
     }
 
@@ -183,6 +189,29 @@ impl RetentionArgs {
     pub fn is_set(&self) -> bool {
         self.retain_full.is_some() || self.retain_days.is_some()
     }
+}
+
+/// The retention plan, with the filestore objects it lets go: shared by
+/// `prune` and the daemon's scheduled prune.
+///
+/// # Errors
+/// The policy keeps nothing, or the filestore index cannot be read.
+pub async fn plan_retention(
+    repo: &Repository,
+    catalog: &Catalog,
+    index: &crate::wal::WalIndex,
+    policy: &RetentionPolicy,
+    now: std::time::SystemTime,
+) -> anyhow::Result<RetentionPlan> {
+    let mut plan = RetentionPlan::compute(catalog, index, policy, now)?;
+    if let Some(oldest) = plan.oldest_kept_start(catalog) {
+        let objects = crate::filestore::deletable(repo, oldest, policy.filestore_margin)
+            .await
+            .with_context(|| format!("planning the filestore's retention in {}", repo.url))?;
+        plan.delete_filestore_bytes = objects.iter().map(|m| m.size).sum();
+        plan.delete_filestore = objects.into_iter().map(|m| m.key.to_string()).collect();
+    }
+    Ok(plan)
 }
 
 /// `prune`.
@@ -211,7 +240,7 @@ impl PruneArgs {
         let (repo, catalog) = open_catalog(repo, "prune").await?;
         let policy = self.retention.resolve();
         let index = timeline_index(&repo, &catalog).await?;
-        let plan = RetentionPlan::compute(&catalog, &index, &policy, self.clock.now())?;
+        let plan = plan_retention(&repo, &catalog, &index, &policy, self.clock.now()).await?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
@@ -224,11 +253,12 @@ impl PruneArgs {
             if !self.json && (!plan.is_empty() || outcome.temp_files > 0) {
                 println!(
                     "deleted {} backups, {} WAL files ({}), {} incomplete backups, \
-                     {} temp files of interrupted writes",
+                     {} filestore files, {} temp files of interrupted writes",
                     outcome.backups,
                     outcome.wal_files,
                     report::bytes(outcome.wal_bytes),
                     outcome.debris,
+                    outcome.filestore_files,
                     outcome.temp_files
                 );
             }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backup::{BackupConfig, run_backup};
 use crate::catalog::backup::{Catalog, RecordCache};
-use crate::catalog::retention::{RetentionPlan, RetentionPolicy};
+use crate::catalog::retention::RetentionPolicy;
 use crate::pgconn::PgTarget;
 use crate::repository::Repository;
 use crate::stream::StreamConfig;
@@ -232,6 +232,7 @@ pub async fn sync_filestore_forever(
 ) {
     let mut state = crate::filestore::SyncState::default();
     loop {
+        state.expire(Duration::from_secs(3600));
         // Odoo creates the directory with its first attachment: until then
         // there is nothing to sync, which is not a failure.
         let result = if tokio::fs::metadata(path)
@@ -633,12 +634,14 @@ async fn run_job(shared: &Shared, job: &'static str) {
                 let catalog = Catalog::load_cached(&shared.repo.storage, &shared.records).await?;
                 let index =
                     crate::commands::catalog::timeline_index(&shared.repo, &catalog).await?;
-                let plan = RetentionPlan::compute(
+                let plan = crate::commands::catalog::plan_retention(
+                    &shared.repo,
                     &catalog,
                     &index,
                     &shared.cfg.retention,
                     SystemTime::now(),
-                )?;
+                )
+                .await?;
                 let outcome = crate::prune::apply(
                     &shared.repo.storage,
                     &plan,
@@ -654,6 +657,7 @@ async fn run_job(shared: &Shared, job: &'static str) {
                         ("backups", o.backups),
                         ("wal", o.wal_files),
                         ("debris", o.debris),
+                        ("filestore", o.filestore_files),
                     ] {
                         m.prune_deleted
                             .get_or_create(&Kind { kind })

@@ -77,6 +77,14 @@ impl Odoo<'_> {
         }
     }
 
+    /// Deletes the attachment's row, then runs the garbage collection.
+    fn detach(&self, rel: &str) {
+        self.sql(&format!(
+            "DELETE FROM ir_attachment WHERE store_fname = '{rel}'"
+        ));
+        self.gc();
+    }
+
     fn sync(&self) -> Output {
         self.s
             .agent(&["filestore-sync", "--json", "--path"])
@@ -473,4 +481,168 @@ fn a_flaky_store_loses_no_file() {
         let got = std::fs::read(restored_fs.join("odoo").join(rel)).expect("restored file");
         assert!(got == *content, "{rel} is byte-identical");
     }
+}
+
+/// Whether a file repository holds `rel` of database odoo (plain or gzip).
+fn stored(s: &Setup, rel: &str) -> bool {
+    let dir = s
+        .dir
+        .as_ref()
+        .expect("file repository")
+        .join("filestore/odoo");
+    dir.join(rel).exists() || dir.join(format!("{rel}.gz")).exists()
+}
+
+/// Retention keeps every file a restorable point may reference: a file goes
+/// only once its removal from the volume was recorded before the oldest kept
+/// backup started; a file that came back, or went after that start, stays;
+/// a pruned file that comes back is stored again. The rehearsal then proves
+/// every referenced file is in the repository, and fails naming the one
+/// deleted behind its back.
+#[test]
+fn prune_keeps_every_file_a_restorable_point_references() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file(&bin);
+    s.pg.exec("CREATE DATABASE odoo");
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let odoo = Odoo {
+        s: &s,
+        root: volume.path().join("filestore"),
+    };
+    odoo.sql("CREATE TABLE ir_attachment (id serial PRIMARY KEY, name text, store_fname varchar, checksum varchar(40), file_size int)");
+    s.backup();
+    let (keep_id, keep) = odoo.attach("keep.txt", b"kept all along");
+    let (_, gone) = odoo.attach("gone.txt", b"collected before the oldest kept backup");
+    let (_, back) = odoo.attach("back.txt", b"collected, then attached again");
+    let (_, late) = odoo.attach("late.txt", b"collected after the oldest kept backup");
+    RunAs::test_user().chown_tree(volume.path());
+    assert_eq!(json(&odoo.sync())["files-uploaded"], 4);
+    odoo.detach(&gone);
+    odoo.detach(&back);
+    let report = json(&odoo.sync());
+    assert_eq!(report["files-removed"], 2, "{report}");
+    let _ = odoo.attach("back-again.txt", b"collected, then attached again");
+    RunAs::test_user().chown_tree(volume.path());
+    let report = json(&odoo.sync());
+    assert_eq!(report["files-uploaded"], 0, "still stored: {report}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    s.backup();
+    odoo.detach(&late);
+    assert_eq!(json(&odoo.sync())["files-removed"], 1);
+
+    let prune = |extra: &[&str]| {
+        let out = s
+            .agent(&["prune", "--retain-full", "1"])
+            .args(extra)
+            .output()
+            .expect("run prune");
+        ok(&out, "prune");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The default margin (1 h) covers a removal a second before the backup.
+    let said = prune(&["--dry-run"]);
+    assert!(!said.contains("filestore"), "{said}");
+    let said = prune(&["--filestore-margin", "0s", "--dry-run"]);
+    assert!(said.contains("would delete 1 filestore files"), "{said}");
+    assert!(stored(&s, &gone), "a dry run deletes nothing");
+    let said = prune(&["--filestore-margin", "0s"]);
+    assert!(said.contains("1 filestore files"), "{said}");
+    assert!(
+        !stored(&s, &gone),
+        "collected before the oldest kept backup"
+    );
+    for (rel, why) in [
+        (&keep, "referenced"),
+        (&back, "attached again"),
+        (&late, "collected after the oldest kept backup started"),
+    ] {
+        assert!(stored(&s, rel), "{rel} is kept: {why}");
+    }
+    // The pruned file comes back: the next sync stores it again.
+    let _ = odoo.attach("gone-again.txt", b"collected before the oldest kept backup");
+    RunAs::test_user().chown_tree(volume.path());
+    assert_eq!(json(&odoo.sync())["files-uploaded"], 1);
+    assert!(stored(&s, &gone));
+    let _ = s.archive_now();
+
+    let scratch = pitr_tests::user_tempdir(RunAs::test_user(), "rehearse");
+    let rehearse = || {
+        let out = s
+            .agent(&["rehearse", "--json", "--rehearse-dir"])
+            .arg(scratch.path())
+            .output()
+            .expect("run rehearse");
+        let record: serde_json::Value = json(&out);
+        (out.status.code(), record)
+    };
+    let (code, record) = rehearse();
+    assert_eq!(code, Some(0), "{record}");
+    assert_eq!(record["filestore-files"], 3, "keep, back, gone: {record}");
+    let repo_dir = s.dir.as_ref().expect("file repository");
+    let keep_object = repo_dir.join("filestore/odoo").join(&keep);
+    std::fs::remove_file(&keep_object).expect("delete an object behind the sync's back");
+    let (code, record) = rehearse();
+    assert_ne!(code, Some(0), "{record}");
+    assert_eq!(record["reason"], "filestore", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("attachment {keep_id} ({keep})")),
+        "{record}"
+    );
+}
+
+/// A sync SIGKILLed while it uploads a large file leaves nothing visible
+/// under the file's name (only a temp file, which prune removes later); the
+/// next sync stores the file whole.
+#[test]
+fn a_sync_killed_mid_upload_leaves_nothing_half_written() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file(&bin);
+    let volume = pitr_tests::user_tempdir(RunAs::test_user(), "odoo-data");
+    let root = volume.path().join("filestore");
+    let large = random(200 << 20, b"%PDF-1.5\n");
+    let sha = hex::encode(sha1::Sha1::digest(&large));
+    let rel = format!("{}/{sha}", &sha[..2]);
+    std::fs::create_dir_all(root.join("odoo").join(&sha[..2])).expect("mkdir");
+    std::fs::write(root.join("odoo").join(&rel), &large).expect("write");
+    RunAs::test_user().chown_tree(volume.path());
+    let shard = s
+        .dir
+        .as_ref()
+        .expect("file repository")
+        .join("filestore/odoo")
+        .join(&sha[..2]);
+    let mut child = s
+        .agent(&["filestore-sync", "--path"])
+        .arg(&root)
+        .spawn()
+        .expect("start filestore-sync");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let temp_seen = loop {
+        let temp = std::fs::read_dir(&shard).ok().is_some_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        });
+        if temp {
+            break true;
+        }
+        if child.try_wait().expect("wait").is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(temp_seen, "the upload was not caught midway");
+    // SIGKILL: no handler runs, as when the pod is killed.
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(!stored(&s, &rel), "nothing under the file's name");
+    let out = s
+        .agent(&["filestore-sync", "--json", "--path"])
+        .arg(&root)
+        .output()
+        .expect("run filestore-sync");
+    ok(&out, "filestore-sync after the kill");
+    assert_eq!(json(&out)["files-uploaded"], 1);
+    let got = std::fs::read(shard.join(&sha)).expect("stored plain");
+    assert!(got == large, "stored whole");
 }
