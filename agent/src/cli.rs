@@ -236,7 +236,7 @@ pub fn help_without_env_values(help: &str) -> String {
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.
-pub(crate) async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::terminate()),

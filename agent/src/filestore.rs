@@ -771,32 +771,43 @@ pub async fn attachments(pg: &crate::pgconn::PgTarget) -> anyhow::Result<Vec<Att
     drop(client);
     let mut out = Vec::new();
     for db in dbs {
-        let mut target = pg.clone();
-        target.database.clone_from(&db);
-        let client = target.connect("pgrestore filestore").await?;
-        let has = client
-            .query_one("SELECT to_regclass('ir_attachment') IS NOT NULL", &[])
-            .await?
-            .get::<_, bool>(0);
-        if !has {
-            continue;
-        }
-        for row in client
-            .query(
-                "SELECT id::bigint, store_fname FROM ir_attachment \
-                 WHERE store_fname IS NOT NULL AND store_fname <> '' ORDER BY id",
-                &[],
-            )
-            .await?
-        {
-            out.push(Attachment {
-                database: db.clone(),
-                id: row.get(0),
-                store_fname: row.get(1),
-            });
-        }
+        out.extend(attachments_of(pg, &db).await?);
     }
     Ok(out)
+}
+
+/// The stored attachments of one database (none without `ir_attachment`).
+///
+/// # Errors
+/// A connection or query failed.
+pub async fn attachments_of(
+    pg: &crate::pgconn::PgTarget,
+    db: &str,
+) -> anyhow::Result<Vec<Attachment>> {
+    let mut target = pg.clone();
+    db.clone_into(&mut target.database);
+    let client = target.connect("pgrestore filestore").await?;
+    let has = client
+        .query_one("SELECT to_regclass('ir_attachment') IS NOT NULL", &[])
+        .await?
+        .get::<_, bool>(0);
+    if !has {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT id::bigint, store_fname FROM ir_attachment \
+             WHERE store_fname IS NOT NULL AND store_fname <> '' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| Attachment {
+            database: db.to_owned(),
+            id: row.get(0),
+            store_fname: row.get(1),
+        })
+        .collect())
 }
 
 /// What a filestore restore did.
@@ -823,6 +834,20 @@ pub async fn restore_files(
     attachments: &[Attachment],
     dir: &Path,
 ) -> Result<RestoreReport, FilestoreError> {
+    restore_files_as(repo, attachments, dir, None).await
+}
+
+/// [`restore_files`], with every file written under `dir/<as_db>/` instead
+/// of its own database's name (a tenant restored under a new name).
+///
+/// # Errors
+/// The repository or the directory failed.
+pub async fn restore_files_as(
+    repo: &Repository,
+    attachments: &[Attachment],
+    dir: &Path,
+    as_db: Option<&str>,
+) -> Result<RestoreReport, FilestoreError> {
     let mut by_file: HashMap<(String, String), Vec<i64>> = HashMap::new();
     let mut report = RestoreReport::default();
     for a in attachments {
@@ -842,7 +867,7 @@ pub async fn restore_files(
     files.sort();
     let results: Vec<_> = futures::stream::iter(files)
         .map(|((db, rel), ids)| async move {
-            let r = fetch_file(repo, &db, &rel, dir).await;
+            let r = fetch_file(repo, &db, &rel, &dir.join(as_db.unwrap_or(&db))).await;
             (db, rel, ids, r)
         })
         .buffer_unordered(PARALLEL * 2)
@@ -880,9 +905,9 @@ async fn fetch_file(
     repo: &Repository,
     db: &str,
     rel: &str,
-    dir: &Path,
+    db_dir: &Path,
 ) -> Result<Result<u64, String>, FilestoreError> {
-    let dest = dir.join(db).join(rel);
+    let dest = db_dir.join(rel);
     let part = dest.with_extension("part");
     let write_err = |path: &Path| {
         let path = path.display().to_string();

@@ -224,6 +224,41 @@ pub fn service_lookup(text: &str, name: &str) -> Option<std::collections::HashMa
 }
 
 impl PgTarget {
+    /// A server given as a libpq URL (`postgresql://user:password@host:port/db`)
+    /// or keyword string; what it leaves out comes from `fallback`.
+    ///
+    /// # Errors
+    /// Not a connection string, or more than one host.
+    pub fn from_url(url: &str, fallback: &PgTarget) -> anyhow::Result<PgTarget> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "{url:?} is not a connection string ({e}); write \
+                 postgresql://user@host:port/database"
+            )
+        })?;
+        let host = match config.get_hosts() {
+            [] => fallback.host.clone(),
+            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+            [tokio_postgres::config::Host::Unix(p)] => p.display().to_string(),
+            _ => anyhow::bail!("{url:?} names several hosts; give one"),
+        };
+        Ok(PgTarget {
+            host,
+            port: config.get_ports().first().copied().unwrap_or(fallback.port),
+            user: config
+                .get_user()
+                .map_or_else(|| fallback.user.clone(), str::to_owned),
+            database: config
+                .get_dbname()
+                .map_or_else(|| fallback.database.clone(), str::to_owned),
+            bin: fallback.bin.clone(),
+            service_password: config
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .or_else(|| fallback.service_password.clone()),
+        })
+    }
+
     /// `host:port as user`, for messages.
     #[must_use]
     pub fn describe(&self) -> String {

@@ -67,9 +67,11 @@ pub struct RehearseConfig {
 /// Removes the scratch directory and stops the server started in it, when
 /// dropped: on success, on error, and when the rehearsal's future is dropped
 /// (SIGTERM).
-struct Scratch {
-    dir: PathBuf,
-    pg_ctl: Option<PathBuf>,
+pub(crate) struct Scratch {
+    /// The directory (the data directory is `data/` in it).
+    pub(crate) dir: PathBuf,
+    /// Set once a start was attempted.
+    pub(crate) pg_ctl: Option<PathBuf>,
 }
 
 impl Drop for Scratch {
@@ -109,7 +111,7 @@ impl Drop for Scratch {
 }
 
 /// Removes a directory when dropped.
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -353,7 +355,7 @@ fn random_target(catalog: &Catalog) -> Result<RecoveryTarget, Failed> {
 
 /// What the rehearsal's server runs with: private, small, writing nothing
 /// outside its directory.
-fn rehearsal_settings() -> Vec<(String, String)> {
+pub(crate) fn rehearsal_settings() -> Vec<(String, String)> {
     [
         // Never archive: the rehearsal must not write to the repository.
         ("archive_mode", "off"),
@@ -588,7 +590,7 @@ fn user_statements(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_or(54_329, |a| a.port())

@@ -72,6 +72,35 @@ pub(crate) struct RestoreArgs {
     /// PGHOST, PGPORT and PGUSER.
     #[arg(long, value_name = "DIR")]
     pub(crate) filestore: Option<PathBuf>,
+    /// Restore only this database (an Odoo tenant) to the target, into the
+    /// live cluster given by PGHOST, PGPORT, PGUSER (a superuser), PGPASSWORD
+    /// or --into: the cluster is recovered in a scratch directory (--scratch)
+    /// and the database copied out of it as NAME_restored_<time> (or --as).
+    /// The other databases are not touched.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) database: Option<String>,
+    /// With --database: the live cluster as a libpq URL,
+    /// postgresql://user:password@host:port/postgres, instead of the libpq
+    /// variables.
+    #[arg(long, value_name = "URL", requires = "database")]
+    pub(crate) into: Option<String>,
+    /// With --database: the restored database's name.
+    #[arg(long = "as", value_name = "NEWNAME", requires = "database")]
+    pub(crate) as_name: Option<String>,
+    /// With --database: end the live database's sessions and, in one
+    /// transaction, rename it to NAME_before_<time> and the restored one to
+    /// NAME. Nothing is dropped.
+    #[arg(long, requires = "database")]
+    pub(crate) replace: bool,
+    /// With --database: before anyone can connect, deactivate outgoing mail
+    /// servers, scheduled actions and mail fetchers and mark the database
+    /// neutralized, as Odoo's `neutralize` does (for a copy to look at or stage).
+    #[arg(long, requires = "database")]
+    pub(crate) neutralize: bool,
+    /// With --database: where the scratch cluster is made [default: the
+    /// temp directory]; it needs the plan's scratch space free.
+    #[arg(long, env = "PITR_SCRATCH", value_name = "DIR")]
+    pub(crate) scratch: Option<PathBuf>,
     /// Port for --start (it names the Unix socket; no TCP listener)
     /// [default: a free one, so a host that runs PostgreSQL never collides].
     #[arg(long = "port")]

@@ -4,6 +4,7 @@
 
 mod args;
 mod restore;
+mod tenant;
 
 use std::process::ExitCode;
 

@@ -28,7 +28,9 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         && args.target_xid.is_none()
         && args.target_name.is_none()
         && args.target.is_none();
-    if let (true, false, Some(fs_dir)) = (no_target, args.start, &args.filestore) {
+    if let (true, false, Some(fs_dir), None) =
+        (no_target, args.start, &args.filestore, &args.database)
+    {
         return filestore_only(repo_args, &args, fs_dir, &say).await;
     }
     let target = target_of(&args)?;
@@ -45,6 +47,9 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
             );
         }
         say(&format!("pgrestore: --utc: reading the target as UTC, {t}"));
+    }
+    if let Some(database) = &args.database {
+        return crate::tenant::run(repo_args, &args, database, target, &say).await;
     }
     let Some(dir) = args.pgdata.clone() else {
         bail!("no data directory: pass --pgdata DIR (or set PGDATA)");

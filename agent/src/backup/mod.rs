@@ -25,8 +25,8 @@ use tracing::Instrument as _;
 
 use crate::catalog::OwnerError;
 use crate::catalog::backup::{
-    BackupId, BackupRecord, DATA_FILE, MANIFEST_FILE, RECORD_FILE, RECORD_FORMAT, STARTED_FILE,
-    StoredObject,
+    BackupId, BackupRecord, DATA_FILE, DATABASES_FILE, DatabaseFiles, MANIFEST_FILE, RECORD_FILE,
+    RECORD_FORMAT, STARTED_FILE, StoredObject,
 };
 use crate::compress::Sha256Digest;
 use crate::pgconn::{PgError, PgTarget};
@@ -275,6 +275,25 @@ pub async fn run_backup(
         )
         .await?;
     let pg_basebackup = pg.program("pg_basebackup", major)?;
+    let databases = client
+        .query(
+            "SELECT datname, oid::bigint FROM pg_database ORDER BY datname",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::Query {
+            target: pg.describe(),
+            detail: e.to_string(),
+        })?
+        .iter()
+        .filter_map(|r| {
+            Some(DatabaseFiles {
+                name: r.get(0),
+                oid: u32::try_from(r.get::<_, i64>(1)).ok()?,
+                bytes: 0,
+            })
+        })
+        .collect();
     let result = stream_backup(repo, pg, cfg, &id, &pg_basebackup)
         .instrument(span.clone())
         .await;
@@ -289,6 +308,7 @@ pub async fn run_backup(
                     version,
                     segment_size,
                     start_time,
+                    databases,
                 },
             )
             .instrument(span)
@@ -348,6 +368,7 @@ struct Facts {
     version: u32,
     segment_size: u32,
     start_time: SystemTime,
+    databases: Vec<DatabaseFiles>,
 }
 
 async fn stream_backup(
@@ -511,6 +532,25 @@ async fn commit(
     };
     repo.storage
         .put(&id.key(MANIFEST_FILE), manifest_body, PutMode::CreateOnly)
+        .await?;
+    // Which `base/<oid>/` is which database, and its size in the backup:
+    // what a one-tenant restore extracts and skips.
+    let mut databases = facts.databases;
+    for db in &mut databases {
+        let dir = format!("base/{}/", db.oid);
+        db.bytes = manifest
+            .files
+            .iter()
+            .filter(|(path, _)| path.starts_with(&dir))
+            .map(|(_, f)| f.size)
+            .sum();
+    }
+    repo.storage
+        .put(
+            &id.key(DATABASES_FILE),
+            Bytes::from(serde_json::to_vec_pretty(&databases).expect("serializable")),
+            PutMode::CreateOnly,
+        )
         .await?;
     let seg = facts.segment_size;
     let record = BackupRecord {

@@ -122,6 +122,24 @@ impl From<BackupId> for String {
     }
 }
 
+/// `databases.json`, beside `backup.json`: the databases when the backup
+/// started, each with its directory `base/<oid>/` and that directory's size
+/// in the backup. Not in `objects` (older backups lack it, and a restore
+/// that cannot read it restores every database).
+pub const DATABASES_FILE: &str = "databases.json";
+
+/// One database of a backup (see [`DATABASES_FILE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DatabaseFiles {
+    /// `datname`.
+    pub name: String,
+    /// Its OID: the files are under `base/<oid>/`.
+    pub oid: u32,
+    /// The size of `base/<oid>/` in the backup.
+    pub bytes: u64,
+}
+
 /// A stored object of a backup, with its checksum.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -32,6 +32,8 @@ pub struct ExtractStats {
     pub raw_bytes: u64,
     /// Files written.
     pub files: u64,
+    /// Bytes of skipped databases' files, left as sparse stand-ins.
+    pub skipped_bytes: u64,
 }
 
 /// Why extraction failed.
@@ -66,6 +68,8 @@ impl From<TarError> for ExtractError {
 enum Op {
     Dir(PathBuf),
     File(PathBuf),
+    /// A skipped file: created sparse, at its size, all zeros.
+    Sparse(PathBuf, u64),
     Data(Bytes),
     Close,
 }
@@ -78,6 +82,30 @@ enum Op {
 pub async fn extract(
     reader: BoxReader,
     dir: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<ExtractStats, ExtractError> {
+    extract_skipping(reader, dir, &std::collections::HashSet::new(), progress).await
+}
+
+/// The database OID of a file under `base/<oid>/`.
+fn database_of(path: &Path) -> Option<u32> {
+    let mut parts = path.components();
+    if parts.next()?.as_os_str() != "base" {
+        return None;
+    }
+    parts.next()?.as_os_str().to_str()?.parse().ok()
+}
+
+/// [`extract`], with the files of the databases in `skip` (`base/<oid>/`)
+/// left as sparse stand-ins of their size: replay can write into them, as
+/// with pgBackRest's `--db-include`, and those databases are unusable.
+///
+/// # Errors
+/// [`ExtractError`]; the caller removes what was written.
+pub async fn extract_skipping(
+    reader: BoxReader,
+    dir: &Path,
+    skip: &std::collections::HashSet<u32>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ExtractStats, ExtractError> {
     let (tx, rx) = mpsc::sync_channel::<Op>(16);
@@ -95,6 +123,7 @@ pub async fn extract(
     let mut buf = vec![0u8; 1 << 20];
     let mut stats = ExtractStats::default();
     let mut send_failed = false;
+    let mut skipping = false;
     let result: Result<(), ExtractError> = async {
         loop {
             let n = decoder
@@ -112,6 +141,12 @@ pub async fn extract(
                             let rel = safe_path(&e.path)?;
                             match e.kind {
                                 EntryKind::Directory => Op::Dir(rel),
+                                EntryKind::File
+                                    if database_of(&rel).is_some_and(|oid| skip.contains(&oid)) =>
+                                {
+                                    skipping = true;
+                                    Op::Sparse(rel, e.size)
+                                }
                                 EntryKind::File => {
                                     stats.files += 1;
                                     Op::File(rel)
@@ -119,9 +154,17 @@ pub async fn extract(
                                 EntryKind::Other => return Ok(()),
                             }
                         }
+                        Event::Data(d) if skipping => {
+                            stats.skipped_bytes += d.len() as u64;
+                            return Ok(());
+                        }
                         Event::Data(d) => {
                             stats.raw_bytes += d.len() as u64;
                             Op::Data(Bytes::copy_from_slice(d))
+                        }
+                        Event::End(_) if skipping => {
+                            skipping = false;
+                            return Ok(());
                         }
                         Event::End(e) if e.kind == EntryKind::File => Op::Close,
                         Event::End(_) => return Ok(()),
@@ -206,6 +249,24 @@ fn write_ops(root: &Path, rx: &mpsc::Receiver<Op>) -> Result<(), ExtractError> {
                     .map_err(|e| fail(&path, e))?;
                 current = Some((path, file));
             }
+            Op::Sparse(rel, size) => {
+                let path = root.join(rel);
+                if let Some(parent) = path.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(|e| fail(parent, e))?;
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| fail(&path, e))?;
+                file.set_len(size).map_err(|e| fail(&path, e))?;
+                current = None;
+            }
             Op::Data(data) => {
                 if let Some((path, file)) = &mut current {
                     file.write_all(&data).map_err(|e| fail(path, e))?;
@@ -215,4 +276,19 @@ fn write_ops(root: &Path, rx: &mpsc::Receiver<Op>) -> Result<(), ExtractError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod database_tests {
+    use super::database_of;
+    use std::path::Path;
+
+    #[test]
+    fn only_files_under_base_oid_belong_to_a_database() {
+        assert_eq!(database_of(Path::new("base/16384/2619")), Some(16_384));
+        assert_eq!(database_of(Path::new("base/1/PG_VERSION")), Some(1));
+        assert_eq!(database_of(Path::new("global/1262")), None);
+        assert_eq!(database_of(Path::new("base/pgsql_tmp/x")), None);
+        assert_eq!(database_of(Path::new("pg_wal/base/5/x")), None);
+    }
 }

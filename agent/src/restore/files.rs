@@ -1,6 +1,7 @@
 //! Putting a planned backup into a directory, and the `restore_command`
 //! that replays the rest: the steps `pgrestore` and `rehearse` share.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -27,6 +28,23 @@ pub async fn restore_backup(
     sync: bool,
     progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<ExtractStats> {
+    restore_backup_skipping(repo, plan, dir, existed, sync, &HashSet::new(), progress).await
+}
+
+/// [`restore_backup`], with the files of the databases in `skip` left as
+/// sparse stand-ins ([`extract::extract_skipping`]).
+///
+/// # Errors
+/// As [`restore_backup`].
+pub async fn restore_backup_skipping(
+    repo: &Repository,
+    plan: &RestorePlan,
+    dir: &Path,
+    existed: bool,
+    sync: bool,
+    skip: &HashSet<u32>,
+    progress: impl FnMut(u64, u64),
+) -> anyhow::Result<ExtractStats> {
     if !existed {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -37,7 +55,7 @@ pub async fn restore_backup(
         .with_context(|| format!("chmod 0700 {}", dir.display()))?;
     let key = plan.backup.id.key(DATA_FILE);
     let reader = repo.storage.get_stream(&key).await?;
-    let stats = extract::extract(reader, dir, progress).await?;
+    let stats = extract::extract_skipping(reader, dir, skip, progress).await?;
     if sync {
         let synced = std::process::Command::new("sync")
             .arg("-f")

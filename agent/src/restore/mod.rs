@@ -11,6 +11,7 @@ pub mod files;
 pub mod plan;
 pub mod recovery;
 pub mod target;
+pub mod tenant;
 
 use std::path::Path;
 

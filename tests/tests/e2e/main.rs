@@ -12,6 +12,7 @@ mod operator;
 mod rehearse;
 mod restore;
 mod stream;
+mod tenant;
 mod trust;
 mod walread;
 
