@@ -485,3 +485,139 @@ fn a_tenant_restore_refuses_cleans_up_and_neutralizes() {
     let got = std::fs::read(fs_dir.join("shop_staging").join(&rel)).expect("the tenant's file");
     assert!(got == content, "byte-identical");
 }
+
+fn psql_at(bin: &pitr_tests::pg::PgBin, socket: &Path, port: u16, db: &str, sql: &str) -> String {
+    let out = Command::new(bin.tool("psql"))
+        .args(["-h", &socket.display().to_string(), "-p", &port.to_string()])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{db}: {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// On timeline 2: the cluster was restored and promoted (carrying recovery
+/// settings into its next backup), tenant t was dropped and created again
+/// from a template after that backup, so its OID differs from the backup's.
+/// The tenant restore notices, restores every database, and brings back t's
+/// rows at T on timeline 2.
+#[test]
+fn a_tenant_comes_back_on_timeline_2_after_it_was_created_again() {
+    let Some(bin) = pg_bin() else { return };
+    let s = Setup::file_with(&bin, &["track_commit_timestamp = on"]);
+    s.pg.exec("CREATE DATABASE t");
+    s.pg.exec("CREATE DATABASE tmpl");
+    sql_in(
+        &s,
+        "tmpl",
+        "CREATE TABLE invoice (id serial PRIMARY KEY, amount int NOT NULL); \
+         INSERT INTO invoice (amount) SELECT g FROM generate_series(1, 1000) g",
+    );
+    s.backup();
+    let _ = s.archive_now();
+    s.pg.stop();
+    let live = super::restore::Restored::new(&bin);
+    ok(
+        &live.pgrestore(&s, &["--target", "latest", "--start", "--new-primary"]),
+        "restore onto timeline 2",
+    );
+    let at = |db: &str, sql: &str| psql_at(&bin, &live.socket, live.port, db, sql);
+    assert_eq!(
+        at(
+            "postgres",
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        ),
+        "2"
+    );
+    let env = [
+        ("PGHOST".to_owned(), live.socket.display().to_string()),
+        ("PGPORT".to_owned(), live.port.to_string()),
+    ];
+    let out = s
+        .agent(&["backup"])
+        .envs(env.clone())
+        .output()
+        .expect("backup");
+    ok(&out, "backup on timeline 2");
+    at("postgres", "DROP DATABASE t");
+    // FILE_COPY (the only strategy before 15) copies tmpl's files on
+    // replay: tmpl's files must be there, so everything is restored.
+    let strategy = if bin.major >= 15 {
+        " STRATEGY file_copy"
+    } else {
+        ""
+    };
+    at(
+        "postgres",
+        &format!("CREATE DATABASE t TEMPLATE tmpl{strategy}"),
+    );
+    at(
+        "t",
+        "INSERT INTO invoice (amount) SELECT g FROM generate_series(1, 500) g",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = at("postgres", "SELECT now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    at("t", "DELETE FROM invoice");
+    let last = at("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while at(
+        "postgres",
+        "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+    ) < last
+    {
+        assert!(std::time::Instant::now() < deadline, "{last} archived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let scratch = pitr_tests::user_tempdir(RunAs::test_user(), "tenant-scratch");
+    let out = pgrestore_cmd(
+        &s,
+        &[
+            "--database",
+            "t",
+            "--target-time",
+            &t,
+            "--as",
+            "t_at_t",
+            "--scratch",
+            &scratch.path().display().to_string(),
+        ],
+    )
+    .envs(env)
+    .output()
+    .expect("run pgrestore");
+    ok(&out, "pgrestore --database t on timeline 2");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("it was created again since; restoring every database"),
+        "{said}"
+    );
+    assert_eq!(
+        at("t_at_t", "SELECT count(*), sum(amount) FROM invoice"),
+        "1500|625750"
+    );
+    assert_eq!(
+        at("t", "SELECT count(*) FROM invoice"),
+        "0",
+        "the live t is untouched"
+    );
+    assert!(empty(scratch.path()));
+}
