@@ -75,7 +75,11 @@ fn every_overlay_renders_and_validates_strictly() {
         let kinds = text.matches("\nkind: ").count() + usize::from(text.starts_with("kind: "));
         assert!(kinds >= 10, "{overlay} renders only {kinds} objects");
     }
-    for job in ["restore-job.yaml", "filestore-restore-job.yaml"] {
+    for job in [
+        "restore-job.yaml",
+        "filestore-restore-job.yaml",
+        "tenant-restore-job.yaml",
+    ] {
         run(
             Command::new("kubernetes-validate")
                 .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
@@ -95,7 +99,11 @@ fn checkov_passes_on_every_overlay_and_the_restore_job() {
         let Some(text) = render(overlay) else { return };
         std::fs::write(dir.path().join(format!("{overlay}.yaml")), text).expect("write");
     }
-    for job in ["restore-job.yaml", "filestore-restore-job.yaml"] {
+    for job in [
+        "restore-job.yaml",
+        "filestore-restore-job.yaml",
+        "tenant-restore-job.yaml",
+    ] {
         std::fs::copy(
             repo_root().join("manifests/restore").join(job),
             dir.path().join(job),
