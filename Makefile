@@ -63,6 +63,7 @@ bench:
 	cargo bench --workspace --bench restore
 	cargo bench --workspace --bench stream
 	cargo bench --workspace --bench filestore
+	cargo bench --workspace --bench tenant
 
 lint:
 	cargo fmt --all -- --check
