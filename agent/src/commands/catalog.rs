@@ -195,7 +195,7 @@ impl RetentionArgs {
 /// `prune` and the daemon's scheduled prune.
 ///
 /// # Errors
-/// The policy keeps nothing, or the filestore index cannot be read.
+/// The policy keeps nothing.
 pub async fn plan_retention(
     repo: &Repository,
     catalog: &Catalog,
@@ -205,11 +205,18 @@ pub async fn plan_retention(
 ) -> anyhow::Result<RetentionPlan> {
     let mut plan = RetentionPlan::compute(catalog, index, policy, now)?;
     if let Some(oldest) = plan.oldest_kept_start(catalog) {
-        let objects = crate::filestore::deletable(repo, oldest, policy.filestore_margin)
-            .await
-            .with_context(|| format!("planning the filestore's retention in {}", repo.url))?;
-        plan.delete_filestore_bytes = objects.iter().map(|m| m.size).sum();
-        plan.delete_filestore = objects.into_iter().map(|m| m.key.to_string()).collect();
+        // A filestore index that cannot be read keeps every filestore file
+        // and must not stop the backups' and WAL's retention.
+        match crate::filestore::deletable(repo, oldest, policy.filestore_margin).await {
+            Ok(objects) => {
+                plan.delete_filestore_bytes = objects.iter().map(|m| m.size).sum();
+                plan.delete_filestore = objects.into_iter().map(|m| m.key.to_string()).collect();
+            }
+            Err(e) => tracing::warn!(
+                repository = %repo.url,
+                "the filestore's retention cannot be planned, so no filestore file is deleted: {e}"
+            ),
+        }
     }
     Ok(plan)
 }
