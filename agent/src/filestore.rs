@@ -225,16 +225,10 @@ impl SyncState {
 
     async fn db(&mut self, repo: &Repository, db: &str) -> Result<&mut DbState, FilestoreError> {
         if !self.known.contains_key(db) {
-            let prefix = format!("{PREFIX}{db}/");
-            let mut state = DbState::default();
-            for meta in repo.storage.list(&prefix).await? {
-                if let Some(rel) = meta.key.as_str().strip_prefix(&prefix) {
-                    let rel = rel.strip_suffix(".gz").unwrap_or(rel);
-                    if is_store_fname(rel) {
-                        state.stored.insert(rel.to_owned());
-                    }
-                }
-            }
+            let mut state = DbState {
+                stored: stored_names(repo, db).await?,
+                removed: HashSet::new(),
+            };
             for (rel, event) in events(repo, db).await? {
                 if event.removed && state.stored.contains(&rel) {
                     state.removed.insert(rel);
@@ -245,6 +239,25 @@ impl SyncState {
         }
         Ok(self.known.get_mut(db).expect("inserted above"))
     }
+}
+
+/// The files (`<xx>/<sha1>`) the repository holds for `db`, plain or gzip.
+///
+/// # Errors
+/// The repository failed.
+pub async fn stored_names(repo: &Repository, db: &str) -> Result<HashSet<String>, StorageError> {
+    let prefix = format!("{PREFIX}{db}/");
+    Ok(repo
+        .storage
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|meta| {
+            let rel = meta.key.as_str().strip_prefix(&prefix)?;
+            let rel = rel.strip_suffix(".gz").unwrap_or(rel);
+            is_store_fname(rel).then(|| rel.to_owned())
+        })
+        .collect())
 }
 
 /// The newest index entry naming one file.

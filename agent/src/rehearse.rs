@@ -533,18 +533,9 @@ async fn filestore_check(
     let mut missing = Vec::new();
     for a in &attachments {
         if !stored.contains_key(&a.database) {
-            let prefix = format!("{}{}/", crate::filestore::PREFIX, a.database);
-            let names = repo
-                .storage
-                .list(&prefix)
+            let names = crate::filestore::stored_names(repo, &a.database)
                 .await
-                .map_err(|e| storage_err(&e))?
-                .iter()
-                .filter_map(|m| {
-                    let rel = m.key.as_str().strip_prefix(&prefix)?;
-                    Some(rel.strip_suffix(".gz").unwrap_or(rel).to_owned())
-                })
-                .collect();
+                .map_err(|e| storage_err(&e))?;
             stored.insert(a.database.clone(), names);
         }
         if !stored[&a.database].contains(&a.store_fname) {

@@ -202,10 +202,16 @@ impl Postgres {
     /// Runs `sql` through `psql` and returns its unaligned, tuples-only output.
     #[must_use]
     pub fn sql(&self, sql: &str) -> String {
-        let out = self.psql(sql);
+        self.sql_in("postgres", sql)
+    }
+
+    /// [`Postgres::sql`] in database `db`.
+    #[must_use]
+    pub fn sql_in(&self, db: &str, sql: &str) -> String {
+        let out = self.psql_in(db, sql);
         assert!(
             out.status.success(),
-            "psql failed: {sql}\n{}\nserver log:\n{}",
+            "psql failed in {db}: {sql}\n{}\nserver log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
@@ -220,8 +226,16 @@ impl Postgres {
     /// Runs `sql` and returns the raw output, success or not.
     #[must_use]
     pub fn psql(&self, sql: &str) -> Output {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`Postgres::psql`] in database `db`.
+    #[must_use]
+    pub fn psql_in(&self, db: &str, sql: &str) -> Output {
+        let mut args = self.conn_args();
+        args[7] = db.to_owned();
         Command::new(self.bin.tool("psql"))
-            .args(self.conn_args())
+            .args(args)
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .expect("run psql")

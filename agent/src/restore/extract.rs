@@ -210,6 +210,24 @@ fn safe_path(path: &str) -> Result<PathBuf, ExtractError> {
     Ok(p.to_path_buf())
 }
 
+/// Creates `path` (0600) and its missing parents (0700); on failure, the
+/// path that failed.
+fn create_file(path: &Path) -> Result<File, (PathBuf, io::Error)> {
+    if let Some(parent) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| (parent.to_path_buf(), e))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| (path.to_path_buf(), e))
+}
+
 fn write_ops(root: &Path, rx: &mpsc::Receiver<Op>) -> Result<(), ExtractError> {
     let mut current: Option<(PathBuf, File)> = None;
     let fail = |path: &Path, source: io::Error| ExtractError::Write {
@@ -234,36 +252,12 @@ fn write_ops(root: &Path, rx: &mpsc::Receiver<Op>) -> Result<(), ExtractError> {
             }
             Op::File(rel) => {
                 let path = root.join(rel);
-                if let Some(parent) = path.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(parent)
-                        .map_err(|e| fail(parent, e))?;
-                }
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| fail(&path, e))?;
+                let file = create_file(&path).map_err(|(p, e)| fail(&p, e))?;
                 current = Some((path, file));
             }
             Op::Sparse(rel, size) => {
                 let path = root.join(rel);
-                if let Some(parent) = path.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(parent)
-                        .map_err(|e| fail(parent, e))?;
-                }
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| fail(&path, e))?;
+                let file = create_file(&path).map_err(|(p, e)| fail(&p, e))?;
                 file.set_len(size).map_err(|e| fail(&path, e))?;
                 current = None;
             }

@@ -24,19 +24,7 @@ struct Odoo<'a> {
 
 impl Odoo<'_> {
     fn sql(&self, sql: &str) -> String {
-        let mut args = self.s.pg.conn_args();
-        args[7] = "odoo".into();
-        let out = Command::new(self.s.pg.bin.tool("psql"))
-            .args(args)
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.s.pg.sql_in("odoo", sql)
     }
 
     /// Stores `content` as Odoo does: the file first, then the row.
@@ -102,13 +90,7 @@ fn random(len: usize, header: &[u8]) -> Vec<u8> {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    super::stdout_json(out)
 }
 
 fn the_filestore_comes_back_at_a_point_in_time(kind: Option<S3Kind>, large_mb: usize) {

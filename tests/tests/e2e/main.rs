@@ -25,6 +25,17 @@ use pitr_tests::s3::{S3Kind, S3Server};
 use pitr_tests::{RunAs, user_tempdir};
 use serde_json::Value;
 
+/// A command's stdout as JSON, or a panic showing both of its streams.
+pub(crate) fn stdout_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Starts `kind`'s server, or reports it missing (fatal in CI).
 fn s3_server(kind: S3Kind) -> Option<S3Server> {
     pitr_tests::prerequisite(S3Server::available(kind), &format!("{kind:?} S3 server"))

@@ -29,29 +29,11 @@ fn pgrestore(s: &Setup, args: &[&str]) -> Output {
 }
 
 fn sql_in(s: &Setup, db: &str, sql: &str) -> String {
-    let mut args = s.pg.conn_args();
-    args[7] = db.into();
-    let out = Command::new(s.pg.bin.tool("psql"))
-        .args(args)
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql");
-    assert!(
-        out.status.success(),
-        "{db}: {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    s.pg.sql_in(db, sql)
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    super::stdout_json(out)
 }
 
 /// The rows of `invoice` (committed at or before `t`, when given), as one digest.
