@@ -7,6 +7,7 @@ use clap::Args;
 use tracing_subscriber::EnvFilter;
 
 use crate::repository::Repository;
+use crate::storage::sealed::{Keys, Sealed};
 use crate::storage::{DEFAULT_REPO, RepoUrl, S3Options, Storage, StorageError};
 
 /// Where the repository is and how to reach it. Shown under its own
@@ -33,6 +34,21 @@ pub struct RepoArgs {
     /// Attempts per S3 request, the first included.
     #[arg(long, env = "PITR_S3_MAX_ATTEMPTS", global = true)]
     pub s3_max_attempts: Option<u32>,
+    /// Encrypt the repository's data to this age recipient (age1...; repeat
+    /// or separate with commas). Writers need only this; with `init` it
+    /// marks a new repository encrypted.
+    #[arg(
+        long = "encrypt-to",
+        env = "PITR_ENCRYPT_TO",
+        global = true,
+        value_delimiter = ',',
+        value_name = "AGE1"
+    )]
+    pub encrypt_to: Vec<String>,
+    /// The age identity file that reads an encrypted repository (restores,
+    /// verify, rehearsals, wal-fetch): mount it from a Secret.
+    #[arg(long, env = "PITR_IDENTITY_FILE", global = true, value_name = "FILE")]
+    pub identity_file: Option<std::path::PathBuf>,
 }
 
 impl RepoArgs {
@@ -53,8 +69,26 @@ impl RepoArgs {
             attempt_timeout: self.s3_timeout,
             max_attempts: self.s3_max_attempts,
         };
+        let keys = Keys::new(
+            &self.encrypt_to.join(","),
+            self.identity_file
+                .as_deref()
+                .filter(|p| !p.as_os_str().is_empty()),
+        )
+        .map_err(|e| StorageError::Sealed {
+            location: url.to_string(),
+            detail: e.to_string(),
+        })?;
+        let mut storage = Storage::open(&url, &options).await?;
+        if !keys.is_empty() {
+            storage = Storage::Sealed(std::sync::Arc::new(Sealed::new(
+                storage,
+                keys,
+                crate::catalog::is_data_key,
+            )));
+        }
         Ok(Repository {
-            storage: Storage::open(&url, &options).await?,
+            storage,
             url: url.to_string(),
         })
     }
@@ -82,13 +116,20 @@ impl RepoArgs {
         if let Some(n) = self.s3_max_attempts {
             args.extend(["--s3-max-attempts".to_owned(), n.to_string()]);
         }
+        if !self.encrypt_to.is_empty() {
+            args.extend(["--encrypt-to".to_owned(), self.encrypt_to.join(",")]);
+        }
+        if let Some(f) = &self.identity_file {
+            args.extend(["--identity-file".to_owned(), f.display().to_string()]);
+        }
         args
     }
 
-    /// The S3 settings as `PITR_S3_*` variables, for child processes that
-    /// read the environment (a restored server's `archive_command`).
+    /// The S3 and key settings as `PITR_*` variables, for child processes
+    /// that read the environment (a restored server's `archive_command`).
+    /// The identity travels as its file's path, never its content.
     #[must_use]
-    pub fn s3_env(&self) -> Vec<(String, String)> {
+    pub fn child_env(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if let Some(e) = &self.s3_endpoint {
             env.push(("PITR_S3_ENDPOINT".to_owned(), e.clone()));
@@ -100,6 +141,12 @@ impl RepoArgs {
             "PITR_S3_FORCE_PATH_STYLE".to_owned(),
             self.s3_force_path_style.to_string(),
         ));
+        if !self.encrypt_to.is_empty() {
+            env.push(("PITR_ENCRYPT_TO".to_owned(), self.encrypt_to.join(",")));
+        }
+        if let Some(f) = &self.identity_file {
+            env.push(("PITR_IDENTITY_FILE".to_owned(), f.display().to_string()));
+        }
         env
     }
 }

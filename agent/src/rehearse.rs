@@ -280,7 +280,7 @@ async fn run(
         timeout: cfg.timeout,
         env: {
             let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
-            env.extend(repo_args.s3_env());
+            env.extend(repo_args.child_env());
             env
         },
         action: TargetAction::Promote,

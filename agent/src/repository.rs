@@ -54,7 +54,7 @@ impl Repository {
     ) -> Result<(), OwnerError> {
         // A file:// cache is not trusted: checking the record costs a stat,
         // and the cache outlives an archive volume that is no longer mounted.
-        let cache = matches!(self.storage, Storage::S3(_)).then_some(cache_file);
+        let cache = matches!(self.storage.backend(), Storage::S3(_)).then_some(cache_file);
         catalog::ensure_owner(
             &self.storage,
             &self.url,

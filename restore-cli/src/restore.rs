@@ -195,7 +195,7 @@ pub(crate) async fn restore(repo_args: &RepoArgs, args: RestoreArgs) -> anyhow::
         let major = plan.backup.pg_version / 10_000;
         let pg_ctl = pg.program("pg_ctl", major)?;
         let mut env = vec![("PITR_REPO".to_owned(), repo.url.clone())];
-        env.extend(repo_args.s3_env());
+        env.extend(repo_args.child_env());
         let cfg = StartConfig {
             pg_ctl,
             port: start_at.0,

@@ -127,3 +127,35 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
     );
     out
 }
+
+/// An age identity made by `pitr-agent key generate`, in a directory the
+/// test user owns: the identity file and its recipient.
+pub struct TestKey {
+    /// The identity file (PITR_IDENTITY_FILE).
+    pub identity: std::path::PathBuf,
+    /// Its recipient (PITR_ENCRYPT_TO).
+    pub recipient: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestKey {
+    /// Generates one with `pitr-agent key generate --out`.
+    #[must_use]
+    pub fn generate(user: RunAs) -> Self {
+        let dir = crate::user_tempdir(user, "key");
+        let identity = dir.path().join("identity.txt");
+        let out = run_ok(
+            agent_cmd(user)
+                .args(["key", "generate", "--out"])
+                .arg(&identity),
+            "pitr-agent key generate",
+        );
+        let recipient = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(recipient.starts_with("age1"), "{recipient:?}");
+        TestKey {
+            identity,
+            recipient,
+            _dir: dir,
+        }
+    }
+}

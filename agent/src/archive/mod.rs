@@ -26,8 +26,8 @@ mod spool;
 pub mod summary;
 
 pub use fetch::{FetchConfig, FetchOutcome, PrefetchRequest, wal_fetch, wal_fetch_retrying};
-pub(crate) use push::store_compressed;
 pub use push::{PushConfig, PushOutcome, wal_push};
+pub(crate) use push::{header_digest_of, store_compressed};
 pub use spool::{clear_spool_after_recovery, prefetch};
 
 use std::io::{self, Read};

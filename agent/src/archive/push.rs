@@ -285,8 +285,7 @@ async fn stored_digest(
     storage: &Storage,
     key: &crate::storage::ObjectKey,
 ) -> Result<Sha256Digest, ArchiveError> {
-    let head = storage.get_prefix(key, compress::HEADER_PROBE_LEN).await?;
-    if let Some(digest) = compress::header_digest(&head) {
+    if let Some(digest) = header_digest_of(storage, key).await? {
         return Ok(digest);
     }
     let body = storage.get(key).await?;
@@ -299,6 +298,23 @@ async fn stored_digest(
             location: storage.location(key),
             cause: source,
         })
+}
+
+/// The raw-content digest a stored object records without being
+/// decompressed: from the clear tag of an encrypted object (so that a writer
+/// holding only the recipient can compare), else from its gzip header.
+///
+/// # Errors
+/// As the store's.
+pub(crate) async fn header_digest_of(
+    storage: &Storage,
+    key: &crate::storage::ObjectKey,
+) -> Result<Option<Sha256Digest>, StorageError> {
+    if let Some(tag) = storage.seal_tag(key).await? {
+        return Ok(tag.raw);
+    }
+    let head = storage.get_prefix(key, compress::HEADER_PROBE_LEN).await?;
+    Ok(compress::header_digest(&head))
 }
 
 fn read_wal_file(path: &Path, name: &WalFileName, cluster: u64) -> Result<Vec<u8>, ArchiveError> {

@@ -39,7 +39,27 @@ pub struct RepositoryOwner {
     pub created_at: String,
     /// The tool and version that created it.
     pub created_by: String,
+    /// Set when the repository's data objects are encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
+
+/// How an encrypted repository is encrypted: public keys only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Encryption {
+    /// Always `age-x25519`.
+    pub scheme: String,
+    /// The recipients (`age1...`) writers may encrypt to: `init
+    /// --encrypt-to` and every `pitr-agent key add`. A writer takes its
+    /// recipients from its own configuration, never from here (a record
+    /// swapped in the bucket must not redirect new backups to another key),
+    /// and is refused when they are not listed here.
+    pub recipients: Vec<String>,
+}
+
+/// The scheme of [`Encryption`].
+pub const ENCRYPTION_SCHEME: &str = "age-x25519";
 
 /// The contents of `pitr-owner.json`: the first cluster to use a repository
 /// that `init` created without one.
@@ -89,6 +109,14 @@ pub enum OwnerError {
         /// The URL.
         url: String,
     },
+    /// The keys configured do not fit the repository's encryption.
+    #[error("repository {url}: {detail}")]
+    Encryption {
+        /// The repository.
+        url: String,
+        /// What does not fit and what to do.
+        detail: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -132,11 +160,26 @@ pub async fn init_repository(
         Some(owner) => InitOutcome::Existed(owner),
         None => {
             storage.create_root().await?;
+            let encryption = match storage.keys() {
+                Some(keys) if keys.recipient_ids().is_empty() => {
+                    return Err(OwnerError::Encryption {
+                        url: url.to_owned(),
+                        detail: "an identity alone cannot create an encrypted repository: give                                  `init --encrypt-to age1...` (PITR_ENCRYPT_TO) the recipient"
+                            .to_owned(),
+                    });
+                }
+                Some(keys) => Some(Encryption {
+                    scheme: ENCRYPTION_SCHEME.to_owned(),
+                    recipients: keys.recipient_ids(),
+                }),
+                None => None,
+            };
             let record = RepositoryOwner {
                 format: FORMAT_VERSION,
                 system_identifier: system_identifier.map(SystemId),
                 created_at: now_rfc3339(),
                 created_by: CREATED_BY.to_owned(),
+                encryption,
             };
             let body = serde_json::to_vec_pretty(&record).expect("serializable");
             let key = ObjectKey::new(OWNER_KEY).expect("constant key");
@@ -185,10 +228,85 @@ pub async fn read_repository(storage: &Storage, url: &str) -> Result<RepositoryO
         .ok_or_else(|| OwnerError::NoRepository {
             url: url.to_owned(),
         })?;
+    check_keys(&owner, storage, url)?;
     if owner.system_identifier.is_none() {
         owner.system_identifier = read_claim(storage).await?.map(|c| c.system_identifier);
     }
     Ok(owner)
+}
+
+/// Whether the keys configured for `storage` fit the repository: none for a
+/// clear one; for an encrypted one, recipients it lists (writers) or an
+/// identity (readers).
+fn check_keys(owner: &RepositoryOwner, storage: &Storage, url: &str) -> Result<(), OwnerError> {
+    let refuse = |detail: String| {
+        Err(OwnerError::Encryption {
+            url: url.to_owned(),
+            detail,
+        })
+    };
+    match (&owner.encryption, storage.keys()) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => refuse(
+            "it is not encrypted, but PITR_ENCRYPT_TO or PITR_IDENTITY_FILE is set: unset them              for this repository, or create an encrypted one at a new URL with `pitr-agent init              --encrypt-to age1...` (a repository is encrypted from its first object or not at all)"
+                .to_owned(),
+        ),
+        (Some(e), None) => refuse(format!(
+            "it is encrypted to {}: writers (wal-push, backup, the daemon) need PITR_ENCRYPT_TO              set to that recipient, readers (wal-fetch, pgrestore, verify, rehearse) need              PITR_IDENTITY_FILE pointing at its identity file",
+            e.recipients.join(", ")
+        )),
+        (Some(e), Some(keys)) => {
+            let unknown: Vec<String> = keys
+                .recipient_ids()
+                .into_iter()
+                .filter(|r| !e.recipients.contains(r))
+                .collect();
+            if unknown.is_empty() {
+                Ok(())
+            } else {
+                refuse(format!(
+                    "PITR_ENCRYPT_TO names {}, which the repository does not list (it lists {}):                      check the value, or add the recipient with `pitr-agent key add` first",
+                    unknown.join(", "),
+                    e.recipients.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+/// `pitr-agent key add`: lists `recipient` in the repository record, so that
+/// writers may encrypt new objects to it. Returns whether it was new.
+///
+/// # Errors
+/// The repository is not encrypted, or the record cannot be rewritten.
+pub async fn add_recipient(
+    storage: &Storage,
+    url: &str,
+    recipient: &str,
+) -> Result<bool, OwnerError> {
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    let mut owner = read_owner(storage, &key)
+        .await?
+        .ok_or_else(|| OwnerError::NoRepository {
+            url: url.to_owned(),
+        })?;
+    check_keys(&owner, storage, url)?;
+    let Some(encryption) = owner.encryption.as_mut() else {
+        return Err(OwnerError::Encryption {
+            url: url.to_owned(),
+            detail: "it is not encrypted, so it takes no recipients; create an encrypted                      repository at a new URL with `pitr-agent init --encrypt-to age1...`"
+                .to_owned(),
+        });
+    };
+    if encryption.recipients.iter().any(|r| r == recipient) {
+        return Ok(false);
+    }
+    encryption.recipients.push(recipient.to_owned());
+    let body = serde_json::to_vec_pretty(&owner).expect("serializable");
+    storage
+        .put(&key, Bytes::from(body), PutMode::Overwrite)
+        .await?;
+    Ok(true)
 }
 
 /// Makes sure `storage` belongs to the cluster `system_identifier`, claiming
@@ -206,7 +324,14 @@ pub async fn ensure_owner(
     cache_file: Option<&Path>,
     create: bool,
 ) -> Result<(), OwnerError> {
-    let cached = format!("{}\n{repo_url}\n{system_identifier}\n", storage.endpoint());
+    let recipients = storage
+        .keys()
+        .map(|k| k.recipient_ids().join(","))
+        .unwrap_or_default();
+    let cached = format!(
+        "{}\n{repo_url}\n{system_identifier}\n{recipients}\n",
+        storage.endpoint()
+    );
     if cache_file.is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|c| c == cached)) {
         return Ok(());
     }

@@ -24,7 +24,8 @@ pub mod rehearsals;
 pub mod retention;
 
 pub use identity::{
-    InitOutcome, OwnerError, RepositoryOwner, ensure_owner, init_repository, read_repository,
+    Encryption, InitOutcome, OwnerError, RepositoryOwner, add_recipient, ensure_owner,
+    init_repository, read_repository,
 };
 
 use crate::storage::ObjectKey;
@@ -106,6 +107,26 @@ pub fn rehearsal_of(key: &ObjectKey) -> Option<(&str, &str)> {
         .strip_prefix(REHEARSALS_PREFIX)?
         .strip_suffix(".json")?;
     name.split_once('.')
+}
+
+/// Whether the object at `key` holds data (rows, WAL, files) and is
+/// therefore encrypted in an encrypted repository: WAL, streamed pieces, base
+/// backups and their manifests, filestore files. The rest is metadata that
+/// every side reads in clear: the repository record and claim, `backup.json`,
+/// `started.json`, `databases.json` (names, OIDs, sizes), timeline history
+/// files, WAL summaries
+/// (LSNs, times, restore point names), filestore indexes (content hashes
+/// and database names), rehearsal records.
+#[must_use]
+pub fn is_data_key(key: &str) -> bool {
+    // Timeline history files hold switch points and reasons only, and the
+    // timeline graph (prune, list, the daemon's status) needs no identity.
+    (key.starts_with(WAL_PREFIX) && !key.ends_with(".history.gz"))
+        || key.starts_with(partial::PARTIAL_PREFIX)
+        || key.starts_with(crate::filestore::PREFIX)
+        || (key.starts_with(backup::BACKUPS_PREFIX)
+            && (key.ends_with(&format!("/{}", backup::DATA_FILE))
+                || key.ends_with(&format!("/{}", backup::MANIFEST_FILE))))
 }
 
 /// The key of the claim the first cluster writes when `init` named no owner.

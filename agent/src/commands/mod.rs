@@ -18,6 +18,8 @@ pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod filestore;
 #[cfg(feature = "daemon")]
+pub mod key;
+#[cfg(feature = "daemon")]
 pub mod rehearse;
 
 #[cfg(feature = "daemon")]
@@ -52,6 +54,8 @@ pub enum Command {
     /// SHA-1 name). Exit 0 once all are durable, 1 when a file's content does
     /// not match its name (reported, never uploaded), 2 failure.
     FilestoreSync(filestore::FilestoreSyncArgs),
+    /// Manage the age keys of an encrypted repository: `key generate`, `key add`.
+    Key(key::KeyArgs),
     /// Run as a sidecar: scheduled backup/verify/prune, /healthz /readyz /status /metrics.
     Daemon(Box<daemon::DaemonArgs>),
     /// Fill the prefetch spool (started by wal-fetch; not for direct use).
@@ -94,6 +98,7 @@ impl Command {
             Command::Rehearse(args) => args.run(&repo).await,
             Command::Daemon(args) => args.run(&repo).await,
             Command::FilestoreSync(args) => args.run(&repo).await,
+            Command::Key(args) => args.run(&repo).await,
             Command::WalPrefetch(args) => Ok(args.run(&repo).await),
         }
     }

@@ -6,6 +6,7 @@
 
 mod local_fs;
 mod s3;
+pub mod sealed;
 #[cfg(feature = "fault-injection")]
 pub mod unreliable;
 
@@ -301,6 +302,14 @@ pub enum StorageError {
          check that the volume is mounted and PITR_REPO names it"
     )]
     NoRoot(String),
+    /// An encrypted object cannot be written or read with the keys given.
+    #[error("{location}: {detail}")]
+    Sealed {
+        /// The object.
+        location: String,
+        /// What is wrong and what to do.
+        detail: String,
+    },
     /// The filesystem is full.
     #[error(
         "no space left on the device holding {0}; nothing was stored (the partial file was \
@@ -360,6 +369,8 @@ pub enum Storage {
     /// `file://` behind injected faults (tests; see [`unreliable`]).
     #[cfg(feature = "fault-injection")]
     Unreliable(std::sync::Arc<unreliable::Unreliable>),
+    /// Another store whose data objects are encrypted (see [`sealed`]).
+    Sealed(std::sync::Arc<sealed::Sealed>),
 }
 
 macro_rules! dispatch {
@@ -369,6 +380,7 @@ macro_rules! dispatch {
             Storage::S3($s) => $call,
             #[cfg(feature = "fault-injection")]
             Storage::Unreliable($s) => $call,
+            Storage::Sealed($s) => $call,
         }
     };
 }
@@ -412,6 +424,7 @@ impl Storage {
             Storage::S3(s) => s.endpoint(),
             #[cfg(feature = "fault-injection")]
             Storage::Unreliable(_) => "file",
+            Storage::Sealed(s) => s.inner().endpoint(),
         }
     }
 
@@ -437,6 +450,9 @@ impl Storage {
         body: Bytes,
         mode: PutMode,
     ) -> Result<(), StorageError> {
+        if let Storage::Sealed(s) = self {
+            return s.put(key, body, mode).await;
+        }
         match dispatch!(self, s => s.put(key, body.clone(), mode).await) {
             Err(StorageError::AlreadyExists(location)) if mode == PutMode::CreateOnly => {
                 match self.get(key).await {
@@ -535,6 +551,7 @@ impl Storage {
             Storage::S3(s) => s.head_bucket().await,
             #[cfg(feature = "fault-injection")]
             Storage::Unreliable(s) => s.inner().create_root().await,
+            Storage::Sealed(s) => Box::pin(s.inner().create_root()).await,
         }
     }
 
@@ -555,6 +572,38 @@ impl Storage {
             Storage::S3(_) => Ok(0),
             #[cfg(feature = "fault-injection")]
             Storage::Unreliable(s) => s.inner().remove_stale_temp_files(older_than).await,
+            Storage::Sealed(s) => Box::pin(s.inner().remove_stale_temp_files(older_than)).await,
+        }
+    }
+
+    /// The store underneath any encryption: what decides local or S3 behaviour.
+    #[must_use]
+    pub fn backend(&self) -> &Storage {
+        match self {
+            Storage::Sealed(s) => s.inner().backend(),
+            other => other,
+        }
+    }
+
+    /// The keys, when the repository's data objects are encrypted.
+    #[must_use]
+    pub fn keys(&self) -> Option<&sealed::Keys> {
+        match self {
+            Storage::Sealed(s) => Some(s.keys()),
+            _ => None,
+        }
+    }
+
+    /// What the clear stanza of an encrypted object says (its digests and
+    /// recipients); `None` for a store that does not encrypt, or an object
+    /// without one.
+    ///
+    /// # Errors
+    /// As classified by the backend.
+    pub async fn seal_tag(&self, key: &ObjectKey) -> Result<Option<sealed::SealTag>, StorageError> {
+        match self {
+            Storage::Sealed(s) => s.tag(key).await,
+            _ => Ok(None),
         }
     }
 

@@ -414,15 +414,12 @@ async fn store_piece(
         // A retried write that had landed: the same bytes by construction
         // (same segment, same positions), but check.
         Err(crate::storage::StorageError::AlreadyExists(_)) => {
-            let head = repo
-                .storage
-                .get_prefix(&key, compress::HEADER_PROBE_LEN)
-                .await?;
-            if compress::header_digest(&head) != Some(digest) {
+            let stored = crate::archive::header_digest_of(&repo.storage, &key).await?;
+            if stored != Some(digest) {
                 return Err(ArchiveError::Conflict {
                     name: key.as_str().to_owned(),
                     location: repo.storage.location(&key),
-                    stored: compress::header_digest(&head).unwrap_or(digest),
+                    stored: stored.unwrap_or(digest),
                     local: digest,
                 });
             }

@@ -148,9 +148,21 @@ impl Setup {
 
     /// An S3 repository on a fresh `kind` server; `conf` adds postgresql.conf lines.
     pub(crate) fn s3_with(bin: &PgBin, kind: S3Kind, prefix: &str, conf: &[&str]) -> Option<Self> {
+        Self::s3_with_env(bin, kind, prefix, Vec::new(), conf)
+    }
+
+    /// [`Setup::s3_with`], with `extra` added to the server's environment.
+    pub(crate) fn s3_with_env(
+        bin: &PgBin,
+        kind: S3Kind,
+        prefix: &str,
+        extra: Vec<(String, String)>,
+        conf: &[&str],
+    ) -> Option<Self> {
         let server = s3_server(kind)?;
         let repo = server.url(prefix);
-        let env = server.env();
+        let mut env = server.env();
+        env.extend(extra);
         Some(Setup {
             pg: archiving_cluster_with(bin, &repo, &env, conf),
             repo,

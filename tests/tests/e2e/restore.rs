@@ -50,11 +50,22 @@ impl Source {
 
     /// `start`, with extra `postgresql.conf` lines.
     fn start_with(bin: &PgBin, kind: Option<S3Kind>, extra: &[&str]) -> Option<Self> {
+        Self::start_env(bin, kind, Vec::new(), extra)
+    }
+
+    /// `start_with`, with `env` in the server's environment (its
+    /// `archive_command`) and every command's.
+    fn start_env(
+        bin: &PgBin,
+        kind: Option<S3Kind>,
+        env: Vec<(String, String)>,
+        extra: &[&str],
+    ) -> Option<Self> {
         let mut conf = vec!["track_commit_timestamp = on"];
         conf.extend_from_slice(extra);
         let setup = match kind {
-            None => Setup::file_with(bin, &conf),
-            Some(kind) => Setup::s3_with(bin, kind, "pitr", &conf)?,
+            None => Setup::file_with_env(bin, env, &conf),
+            Some(kind) => Setup::s3_with_env(bin, kind, "pitr", env, &conf)?,
         };
         Some(Self::from_setup(setup))
     }
@@ -249,7 +260,11 @@ fn randomized_pitr(bin: &PgBin, kind: Option<S3Kind>) {
     let Some(mut src) = Source::start(bin, kind) else {
         return;
     };
-    let (b1, _b2) = history(&mut src);
+    randomized_cases(bin, &mut src);
+}
+
+fn randomized_cases(bin: &PgBin, src: &mut Source) {
+    let (b1, _b2) = history(src);
     let (seed, mut rng) = pitr_tests::seeded_rng("randomized_pitr");
     let mut k = |lo: i32, hi: i32| rng.random_range(lo..=hi);
 
@@ -338,12 +353,12 @@ fn randomized_pitr(bin: &PgBin, kind: Option<S3Kind>) {
         let r = Restored::new(bin);
         let mut args: Vec<&str> = target.iter().map(String::as_str).collect();
         args.extend(["--start", "--target-action", "pause"]);
-        let out = r.pgrestore(&src, &args);
+        let out = r.pgrestore(src, &args);
         ok(&out, what);
         assert_eq!(&r.ids(), expected, "restore to {what} (seed {seed})");
     }
 
-    timelines(bin, &mut src, seed);
+    timelines(bin, src, seed);
 }
 
 /// Restore and promote (a new timeline, archived into the same repository),
@@ -442,6 +457,184 @@ fn randomized_point_in_time_restores_from_a_file_repository() {
 fn randomized_point_in_time_restores_from_s3() {
     let Some(bin) = pg_bin() else { return };
     randomized_pitr(&bin, Some(S3Kind::Moto));
+}
+
+/// The randomized restores on an encrypted repository. The server's
+/// `archive_command` holds only the recipient; restores get the identity.
+/// Then: every data object is an age file (neither gzip nor holding a text
+/// written into the database, which the decrypted WAL does hold), the push
+/// side's keys cannot restore, and a wrong identity stops wal-fetch with 128
+/// naming the recipient.
+fn encrypted_pitr(bin: &PgBin, kind: Option<S3Kind>) {
+    let key = pitr_tests::bins::TestKey::generate(RunAs::test_user());
+    let push_env = vec![("PITR_ENCRYPT_TO".to_owned(), key.recipient.clone())];
+    let Some(mut src) = Source::start_env(bin, kind, push_env, &[]) else {
+        return;
+    };
+    let marker = format!("PITR-PLAINTEXT-MARKER-{}", std::process::id());
+    src.pg.exec("CREATE TABLE secret (t text)");
+    src.pg
+        .exec(&format!("INSERT INTO secret VALUES ('{marker}')"));
+    let segment = src
+        .pg
+        .sql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
+    let push_side = src.setup.env.clone();
+    src.setup.env.push((
+        "PITR_IDENTITY_FILE".to_owned(),
+        key.identity.display().to_string(),
+    ));
+    randomized_cases(bin, &mut src);
+
+    let objects = raw_objects(&src);
+    let data: Vec<&(String, Vec<u8>)> = objects
+        .iter()
+        .filter(|(k, _)| {
+            (k.starts_with("wal/") && !k.ends_with(".history.gz"))
+                || k.starts_with("wal-partial/")
+                || k.ends_with("/base.tar.gz")
+                || k.ends_with("/backup_manifest")
+        })
+        .collect();
+    assert!(data.len() > 10, "{} data objects", data.len());
+    for (k, body) in &data {
+        assert!(
+            body.starts_with(b"age-encryption.org/v1\n"),
+            "{k} is not an age file"
+        );
+        assert!(!body.starts_with(&[0x1f, 0x8b]), "{k} is gzip");
+    }
+    for (k, body) in &objects {
+        assert!(
+            !body.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "{k} holds the plaintext marker"
+        );
+    }
+    // The oracle: decrypted, the segment does hold the marker.
+    let dir = pitr_tests::user_tempdir(RunAs::test_user(), "fetched");
+    let fetched = dir.path().join(&segment);
+    let fetch = |env: &[(String, String)]| {
+        let mut cmd = pitr_tests::bins::agent_cmd(RunAs::test_user());
+        cmd.envs(env.iter().cloned())
+            .args(["--repo", &src.repo, "wal-fetch", &segment])
+            .arg(&fetched);
+        cmd.output().expect("run wal-fetch")
+    };
+    ok(&fetch(&src.env), "wal-fetch with the identity");
+    let raw = std::fs::read(&fetched).expect("fetched segment");
+    assert!(
+        raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the decrypted segment {segment} holds the marker"
+    );
+    std::fs::remove_file(&fetched).expect("remove");
+
+    // A wrong identity: exit 128 (recovery stops), naming the recipient.
+    let other = pitr_tests::bins::TestKey::generate(RunAs::test_user());
+    let mut wrong = push_side.clone();
+    wrong.push((
+        "PITR_IDENTITY_FILE".to_owned(),
+        other.identity.display().to_string(),
+    ));
+    let out = fetch(&wrong);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128), "{msg}");
+    assert!(msg.contains(&key.recipient), "{msg}");
+    assert!(!fetched.exists(), "nothing written for a wrong identity");
+
+    // The push side's keys (the recipient only) cannot restore.
+    let r = Restored::new(bin);
+    let mut cmd = Command::new(pgrestore());
+    RunAs::test_user().apply(&mut cmd);
+    cmd.current_dir(std::env::temp_dir())
+        .envs(push_side.iter().cloned())
+        .env("PG_BIN", &bin.dir)
+        .args(["--repo", &src.repo, "--pgdata"])
+        .arg(&r.data)
+        .args(["--target", "immediate"]);
+    let out = cmd.output().expect("run pgrestore");
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restored with the recipient only");
+    assert!(msg.contains("PITR_IDENTITY_FILE"), "{msg}");
+    assert!(
+        !r.data.join("PG_VERSION").exists(),
+        "a refused restore leaves no data directory that looks good"
+    );
+}
+
+/// Every object of the repository, raw, by key.
+fn raw_objects(src: &Source) -> Vec<(String, Vec<u8>)> {
+    if let Some(dir) = &src.dir {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir") {
+                let path = e.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let key = path
+                        .strip_prefix(dir)
+                        .expect("under the repository")
+                        .display()
+                        .to_string();
+                    out.push((key, std::fs::read(&path).expect("read")));
+                }
+            }
+        }
+        return out;
+    }
+    let server = src.server.as_ref().expect("s3 or file");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = server.client().await;
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = client
+                .list_objects_v2()
+                .bucket(&server.bucket)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .expect("list");
+            for o in page.contents() {
+                let key = o.key().expect("key").to_owned();
+                let body = client
+                    .get_object()
+                    .bucket(&server.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .expect("get")
+                    .body
+                    .collect()
+                    .await
+                    .expect("body")
+                    .into_bytes()
+                    .to_vec();
+                let key = key
+                    .split_once('/')
+                    .map_or(key.clone(), |(_, k)| k.to_owned());
+                out.push((key, body));
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        out
+    })
+}
+
+#[test]
+fn randomized_point_in_time_restores_from_an_encrypted_file_repository() {
+    let Some(bin) = pg_bin() else { return };
+    encrypted_pitr(&bin, None);
+}
+
+#[test]
+fn randomized_point_in_time_restores_from_an_encrypted_s3_repository() {
+    let Some(bin) = pg_bin() else { return };
+    encrypted_pitr(&bin, Some(S3Kind::Moto));
 }
 
 /// Asserts a refusal: exit 2, the message, and `dir` exactly as before.
