@@ -52,6 +52,7 @@ pub mod daemon;
 pub mod filestore;
 pub mod pgconn;
 pub mod pgdata;
+pub mod pgtls;
 pub mod prune;
 pub mod rehearse;
 pub mod report;

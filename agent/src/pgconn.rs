@@ -13,6 +13,21 @@ use std::time::Duration;
 use clap::Args;
 use tokio_postgres::{Client, NoTls};
 
+use crate::pgtls::{AuthGuard, SslMode};
+
+/// Drives a connection in the background until it ends.
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+}
+
 /// Where PostgreSQL is.
 #[derive(Debug, Clone, Args)]
 pub struct PgArgs {
@@ -279,6 +294,11 @@ impl PgTarget {
         if let Some(p) = &self.service_password {
             env.push(("PGPASSWORD", p.clone()));
         }
+        // libpq 16+ reads it (older ones ignore it): the same refusal of
+        // cleartext and MD5 passwords over TCP as the agent's own connections.
+        if !crate::pgtls::is_socket(&self.host) && std::env::var_os("PGREQUIREAUTH").is_none() {
+            env.push(("PGREQUIREAUTH", crate::pgtls::TCP_REQUIRE_AUTH.to_owned()));
+        }
         env
     }
 
@@ -340,16 +360,54 @@ impl PgTarget {
         if let Some(password) = self.password(&self.database) {
             config.password(password);
         }
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
+        let connect_error = |detail: String| PgError::Connect {
             target: self.describe(),
-            detail: error_text(&e),
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL connection ended");
-            }
-        });
-        Ok(client)
+            detail,
+        };
+        let tcp = !crate::pgtls::is_socket(&self.host);
+        let security = crate::pgtls::ConnSecurity::from_env(tcp).map_err(connect_error)?;
+        let auth = security.auth.clone();
+        let timeout = Duration::from_secs(10);
+        if tcp {
+            config.ssl_mode(match security.mode {
+                SslMode::Disable | SslMode::Allow => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
+            let stream = tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+            )
+            .await
+            .map_err(|_| connect_error("connecting timed out".to_owned()))?
+            .map_err(|e| connect_error(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            let guard = if security.mode.tries_tls() {
+                AuthGuard::after_ssl_request(stream, auth)
+            } else {
+                AuthGuard::new(stream, auth)
+            };
+            let connector = crate::pgtls::Connector::new(security, &self.host);
+            let (client, connection) = config
+                .connect_raw(guard, connector)
+                .await
+                .map_err(|e| connect_error(error_text(&e)))?;
+            spawn_connection(connection);
+            Ok(client)
+        } else {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let path = format!("{}/.s.PGSQL.{}", self.host, self.port);
+            let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&path))
+                .await
+                .map_err(|_| connect_error(format!("connecting to {path} timed out")))?
+                .map_err(|e| connect_error(format!("{path}: {e}")))?;
+            let (client, connection) = config
+                .connect_raw(AuthGuard::new(stream, auth), NoTls)
+                .await
+                .map_err(|e| connect_error(error_text(&e)))?;
+            spawn_connection(connection);
+            Ok(client)
+        }
     }
 
     /// Runs a query that returns one text value.

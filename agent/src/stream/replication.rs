@@ -16,6 +16,7 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::pgconn::PgTarget;
+use crate::pgtls::AuthGuard;
 use crate::wal::{Lsn, TimelineId};
 
 /// A failure of the replication connection, with the server's words.
@@ -129,7 +130,10 @@ impl ReplicationConnection {
             target: target.clone(),
             detail,
         };
-        let io: Box<dyn Io> = if pg.host.starts_with('/') {
+        let tcp = !crate::pgtls::is_socket(&pg.host);
+        let security = crate::pgtls::ConnSecurity::from_env(tcp).map_err(&io_err)?;
+        let auth = security.auth.clone();
+        let io: Box<dyn Io> = if !tcp {
             let path = format!("{}/.s.PGSQL.{}", pg.host, pg.port);
             let s = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -138,9 +142,9 @@ impl ReplicationConnection {
             .await
             .map_err(|_| io_err(format!("connecting to {path} timed out")))?
             .map_err(|e| io_err(format!("{path}: {e}")))?;
-            Box::new(s)
+            Box::new(AuthGuard::new(s, auth))
         } else {
-            let s = tokio::time::timeout(
+            let mut s = tokio::time::timeout(
                 Duration::from_secs(10),
                 tokio::net::TcpStream::connect((pg.host.as_str(), pg.port)),
             )
@@ -148,7 +152,32 @@ impl ReplicationConnection {
             .map_err(|_| io_err("connecting timed out".to_owned()))?
             .map_err(|e| io_err(e.to_string()))?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            if security.mode.tries_tls() {
+                // SSLRequest: length 8, code 80877103.
+                s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+                    .await
+                    .map_err(|e| io_err(e.to_string()))?;
+                let mut answer = [0u8; 1];
+                s.read_exact(&mut answer)
+                    .await
+                    .map_err(|e| io_err(e.to_string()))?;
+                if answer[0] == b'S' {
+                    let tls = security
+                        .handshake(s, &pg.host)
+                        .await
+                        .map_err(|e| io_err(e.to_string()))?;
+                    Box::new(AuthGuard::new(tls, auth))
+                } else if security.mode.requires_tls() {
+                    return Err(io_err(
+                        "the server does not accept TLS, and PGSSLMODE requires it; set ssl = on                          on the server"
+                            .to_owned(),
+                    ));
+                } else {
+                    Box::new(AuthGuard::new(s, auth))
+                }
+            } else {
+                Box::new(AuthGuard::new(s, auth))
+            }
         };
         let mut conn = ReplicationConnection {
             io,

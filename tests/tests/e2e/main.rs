@@ -11,6 +11,7 @@ mod filestore;
 mod operator;
 mod rehearse;
 mod restore;
+mod security;
 mod stream;
 mod tenant;
 mod trust;

@@ -1,0 +1,315 @@
+//! The agent's connections to PostgreSQL over TCP: TLS with libpq's
+//! settings, against a real server with `ssl = on` and a CA made here, and
+//! the refusal of cleartext passwords. The backup connects as `pitr_backup`,
+//! a role with REPLICATION and the grants the docs name, not a superuser.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use pitr_tests::{RunAs, free_port, user_tempdir, wait_for};
+
+use super::daemon::get;
+use super::{Setup, pg_bin};
+
+/// A CA, a server certificate for `localhost` signed by it, and a second,
+/// unrelated CA.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn make() -> Option<Self> {
+        let openssl = pitr_tests::which("openssl");
+        if !pitr_tests::prerequisite(openssl.is_some(), "openssl (Debian package)") {
+            return None;
+        }
+        let dir = user_tempdir(RunAs::test_user(), "tls");
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(d)
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=pitr test {ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ]);
+        std::fs::write(
+            d.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all pitr_plain 127.0.0.1/32 password\n\
+             host replication pitr_plain 127.0.0.1/32 password\n\
+             hostssl all pitr_backup 127.0.0.1/32 scram-sha-256\n\
+             hostssl replication pitr_backup 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        RunAs::test_user().chown_tree(d);
+        set_mode(&d.join("server.key"), 0o600);
+        Some(Certs { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn conf(&self) -> Vec<String> {
+        vec![
+            "listen_addresses = '127.0.0.1'".to_owned(),
+            "ssl = on".to_owned(),
+            format!("ssl_cert_file = '{}'", self.path("server.crt").display()),
+            format!("ssl_key_file = '{}'", self.path("server.key").display()),
+            format!("hba_file = '{}'", self.path("pg_hba.conf").display()),
+            "password_encryption = 'scram-sha-256'".to_owned(),
+        ]
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+const PASSWORD: &str = "tls-test-password";
+
+/// A cluster listening on 127.0.0.1 with TLS, archiving into a file://
+/// repository, with the roles `pitr_backup` (SCRAM over TLS only) and
+/// `pitr_plain` (a cleartext password).
+fn tls_cluster(certs: &Certs) -> Option<Setup> {
+    let bin = pg_bin()?;
+    let conf = certs.conf();
+    let conf: Vec<&str> = conf.iter().map(String::as_str).collect();
+    let setup = Setup::file_with(&bin, &conf);
+    // The role and grants docs/security.md names for the backup.
+    setup.pg.exec(&format!(
+        "CREATE ROLE pitr_backup LOGIN REPLICATION PASSWORD '{PASSWORD}'; \
+         GRANT pg_monitor TO pitr_backup; \
+         CREATE ROLE pitr_plain LOGIN SUPERUSER PASSWORD '{PASSWORD}'"
+    ));
+    Some(setup)
+}
+
+/// `pitr-agent args` against the server over TCP as `user`, with `env`.
+fn over_tcp(
+    setup: &Setup,
+    certs: &Certs,
+    user: &str,
+    env: &[(&str, String)],
+    args: &[&str],
+) -> Command {
+    let mut cmd = setup.agent(args);
+    // libpq looks for ~/.postgresql/postgresql.crt: a HOME the test user can read.
+    cmd.env("HOME", certs.dir.path())
+        .env("PGHOST", "localhost")
+        .env("PGPORT", setup.pg.port.to_string())
+        .env("PGUSER", user)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PG_BIN", &setup.pg.bin.dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.clone())));
+    cmd
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tls_verify_full_works_and_a_wrong_ca_or_host_or_a_cleartext_password_is_refused() {
+    let Some(certs) = Certs::make() else { return };
+    let Some(setup) = tls_cluster(&certs) else {
+        return;
+    };
+    let ca = certs.path("ca.crt").display().to_string();
+    let verify_full = [
+        ("PGSSLMODE", "verify-full".to_owned()),
+        ("PGSSLROOTCERT", ca.clone()),
+    ];
+
+    // verify-full: the control connection and pg_basebackup, as pitr_backup.
+    let out = over_tcp(
+        &setup,
+        &certs,
+        "pitr_backup",
+        &verify_full,
+        &["backup", "--json"],
+    )
+    .output()
+    .expect("run backup");
+    assert!(out.status.success(), "verify-full backup: {}", stderr(&out));
+
+    // A wrong CA, and a host name the certificate does not name: refused.
+    let wrong_ca = [
+        ("PGSSLMODE", "verify-full".to_owned()),
+        (
+            "PGSSLROOTCERT",
+            certs.path("other-ca.crt").display().to_string(),
+        ),
+    ];
+    let out = over_tcp(&setup, &certs, "pitr_backup", &wrong_ca, &["backup"])
+        .output()
+        .expect("run backup");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("TLS with localhost failed"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut by_ip = over_tcp(&setup, &certs, "pitr_backup", &verify_full, &["backup"]);
+    by_ip.env("PGHOST", "127.0.0.1");
+    let out = by_ip.output().expect("run backup");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("TLS with 127.0.0.1 failed"),
+        "{}",
+        stderr(&out)
+    );
+
+    // require: encrypted without verification (libpq's meaning), so even
+    // with no CA it connects.
+    let require = [("PGSSLMODE", "require".to_owned())];
+    let out = over_tcp(
+        &setup,
+        &certs,
+        "pitr_backup",
+        &require,
+        &["backup", "--json"],
+    )
+    .output()
+    .expect("run backup");
+    assert!(out.status.success(), "require backup: {}", stderr(&out));
+
+    // A server asking for a cleartext password over TCP gets nothing...
+    let no_tls = [("PGSSLMODE", "disable".to_owned())];
+    let out = over_tcp(&setup, &certs, "pitr_plain", &no_tls, &["backup"])
+        .output()
+        .expect("run backup");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cleartext password") && stderr(&out).contains("nothing was sent"),
+        "{}",
+        stderr(&out)
+    );
+    // ...unless told otherwise, as libpq's require_auth (which also shows
+    // that the refusal above was the policy, not the setup).
+    let allowed = [
+        ("PGSSLMODE", "disable".to_owned()),
+        ("PGREQUIREAUTH", "password".to_owned()),
+    ];
+    let out = over_tcp(
+        &setup,
+        &certs,
+        "pitr_plain",
+        &allowed,
+        &["backup", "--json"],
+    )
+    .output()
+    .expect("run backup");
+    assert!(out.status.success(), "cleartext allowed: {}", stderr(&out));
+
+    // The WAL stream's replication connection, over verify-full TLS.
+    let port = free_port();
+    let mut daemon = over_tcp(
+        &setup,
+        &certs,
+        "pitr_backup",
+        &verify_full,
+        &[
+            "daemon",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--refresh",
+            "1s",
+            "--verify-schedule",
+            "",
+            "--backup-schedule",
+            "",
+            "--stream",
+            "on",
+            "--stream-flush",
+            "1s",
+        ],
+    );
+    daemon
+        .arg("--pgdata")
+        .arg(&setup.pg.data)
+        .env("PITR_REHEARSE_SCHEDULE", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = daemon.spawn().expect("start the daemon");
+    wait_for("the WAL stream over TLS", Duration::from_secs(60), || {
+        let (code, body) = get(port, "/status")?;
+        let s: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && s["stream"]["up"] == serde_json::Value::Bool(true)).then_some(())
+    });
+    let ssl = setup.pg.sql(
+        "SELECT bool_and(s.ssl)::text FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+         WHERE r.usename = 'pitr_backup'",
+    );
+    assert_eq!(ssl, "true", "the replication connection is encrypted");
+    let _ = child.kill();
+    let _ = child.wait();
+}
