@@ -561,7 +561,7 @@ fn encrypted_pitr(bin: &PgBin, kind: Option<S3Kind>) {
 }
 
 /// Every object of the repository, raw, by key.
-fn raw_objects(src: &Source) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn raw_objects(src: &Setup) -> Vec<(String, Vec<u8>)> {
     if let Some(dir) = &src.dir {
         let mut out = Vec::new();
         let mut stack = vec![dir.clone()];

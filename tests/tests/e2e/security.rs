@@ -313,3 +313,145 @@ fn tls_verify_full_works_and_a_wrong_ca_or_host_or_a_cleartext_password_is_refus
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Every command, and a daemon cycle, with a PostgreSQL password, an age
+/// identity and an S3 secret that are unique marker strings: none of them
+/// appears in any output, log, /status, /metrics, restored configuration or
+/// repository object.
+#[test]
+fn secrets_never_appear_in_outputs_logs_status_metrics_or_the_repository() {
+    let Some(bin) = pg_bin() else { return };
+    let key = pitr_tests::bins::TestKey::generate(RunAs::test_user());
+    let identity_secret = std::fs::read_to_string(&key.identity)
+        .expect("identity")
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
+        .expect("secret line")
+        .to_owned();
+    let pg_secret = format!("PG-SECRET-MARKER-{}", std::process::id());
+    let s3_secret = format!("S3-SECRET-MARKER-{}", std::process::id());
+    let env = vec![
+        ("AWS_SECRET_ACCESS_KEY".to_owned(), s3_secret.clone()),
+        ("PGPASSWORD".to_owned(), pg_secret.clone()),
+        ("PITR_ENCRYPT_TO".to_owned(), key.recipient.clone()),
+    ];
+    let Some(mut setup) = Setup::s3_with_env(
+        &bin,
+        pitr_tests::s3::S3Kind::Moto,
+        "secrets",
+        env.clone(),
+        &[],
+    ) else {
+        return;
+    };
+    setup.env.extend(env);
+    setup.env.push((
+        "PITR_IDENTITY_FILE".to_owned(),
+        key.identity.display().to_string(),
+    ));
+    setup
+        .pg
+        .exec("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
+    let mut seen: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut run = |what: &str, cmd: &mut Command| {
+        let out = cmd.output().expect("run");
+        assert!(
+            out.status.code().is_some_and(|c| c <= 1),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push((format!("{what} stdout"), out.stdout));
+        seen.push((format!("{what} stderr"), out.stderr));
+    };
+    run("backup", &mut setup.agent(&["backup", "--json"]));
+    let _ = setup.pg.switch_wal();
+    setup
+        .pg
+        .exec("INSERT INTO t SELECT generate_series(1001, 2000)");
+    let _ = setup.pg.switch_wal();
+    run("list", &mut setup.agent(&["list", "--json"]));
+    run("verify", &mut setup.agent(&["verify", "--json"]));
+    run(
+        "prune",
+        &mut setup.agent(&["prune", "--retain-full", "1", "--dry-run"]),
+    );
+    run("init", &mut setup.agent(&["init"]));
+    // A failure's message, too: a wrong identity.
+    let other = pitr_tests::bins::TestKey::generate(RunAs::test_user());
+    let out = setup
+        .agent(&["verify"])
+        .env("PITR_IDENTITY_FILE", &other.identity)
+        .output()
+        .expect("run verify");
+    seen.push(("verify, wrong identity".to_owned(), out.stderr));
+
+    // A daemon cycle: /status, /metrics, its log.
+    let port = free_port();
+    let mut daemon = setup
+        .agent(&[
+            "daemon",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--refresh",
+            "1s",
+            "--verify-schedule",
+            "",
+            "--backup-schedule",
+            "",
+        ])
+        .arg("--pgdata")
+        .arg(&setup.pg.data)
+        .env("PITR_REHEARSE_SCHEDULE", "")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    for path in ["/status", "/metrics"] {
+        let (_, body) = wait_for("the daemon to answer", Duration::from_secs(30), || {
+            get(port, path).filter(|(c, _)| *c == 200)
+        });
+        seen.push((path.to_owned(), body.into_bytes()));
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemon.id())).unwrap_or_default();
+    seen.push(("daemon arguments".to_owned(), cmdline));
+    super::daemon::sigterm(&daemon);
+    let _ = daemon.wait();
+    let mut log = Vec::new();
+    if let Some(mut e) = daemon.stderr.take() {
+        let _ = std::io::Read::read_to_end(&mut e, &mut log);
+    }
+    seen.push(("daemon log".to_owned(), log));
+
+    // A restore: its output, and the configuration it leaves (restore_command).
+    let r = super::restore::Restored::new(&bin);
+    let out = r.pgrestore(&setup, &["--target", "immediate", "--start"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    seen.push(("pgrestore stdout".to_owned(), out.stdout));
+    seen.push(("pgrestore stderr".to_owned(), out.stderr));
+    for conf in ["postgresql.auto.conf", "postgresql.conf"] {
+        seen.push((
+            conf.to_owned(),
+            std::fs::read(r.data.join(conf)).unwrap_or_default(),
+        ));
+    }
+    seen.push(("server log".to_owned(), setup.pg.log().into_bytes()));
+    seen.extend(super::restore::raw_objects(&setup));
+    assert!(seen.len() > 30, "{} sources", seen.len());
+
+    let holds =
+        |body: &[u8], secret: &str| body.windows(secret.len()).any(|w| w == secret.as_bytes());
+    // The check can fail: the identity file itself holds its secret.
+    assert!(holds(
+        &std::fs::read(&key.identity).expect("identity"),
+        &identity_secret
+    ));
+    for (what, body) in &seen {
+        for secret in [&identity_secret, &pg_secret, &s3_secret] {
+            assert!(!holds(body, secret), "{what} holds a secret");
+        }
+    }
+}
