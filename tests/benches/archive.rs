@@ -154,6 +154,29 @@ fn main() {
                 },
             ));
         }
+        // The same, into an encrypted repository: the cost of age.
+        let key = work.path().join(format!("{label}-key.txt"));
+        let generated = Command::new(&agent_bin)
+            .args(["key", "generate", "--out"])
+            .arg(&key)
+            .output()
+            .expect("run pitr-agent key generate");
+        let recipient = String::from_utf8_lossy(&generated.stdout).trim().to_owned();
+        rows.push(replay(
+            &pgdata,
+            &segments,
+            user,
+            "pitr-agent gz6 parallel 1, encrypted (age)",
+            &repo("agent-age"),
+            |seg, dest| {
+                let mut c = Command::new(&agent_bin);
+                c.args(["--repo", &format!("file://{dest}"), "wal-push", seg])
+                    .env("PITR_ARCHIVE_PARALLEL", "1")
+                    .env("PITR_ENCRYPT_TO", &recipient)
+                    .env("PITR_INIT", "auto");
+                c
+            },
+        ));
         table(&rows, raw, &mut report);
         writeln!(level_tables, "\n## corpus `{label}`").ok();
         levels_table(&pgdata, &segments, &mut level_tables);

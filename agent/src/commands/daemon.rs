@@ -108,14 +108,29 @@ impl DaemonArgs {
         let rehearse =
             self.rehearse
                 .resolve(crate::rehearse::RehearseTarget::Latest, &self.pg, None)?;
+        // A writer of an encrypted repository holds no identity: reading
+        // jobs would fail every time. They run where the identity is (the
+        // restore-rehearsal CronJob, an operator's verify).
+        let cannot_read = !repo_args.encrypt_to.is_empty() && repo_args.identity_file.is_none();
+        let reading = |name: &str, schedule: &str| -> anyhow::Result<_> {
+            let parsed = parse(schedule)?;
+            if parsed.is_some() && cannot_read {
+                tracing::warn!(
+                    job = name,
+                    "the repository is encrypted and this daemon has no PITR_IDENTITY_FILE:                      its scheduled {name} is off; run it where the identity is mounted"
+                );
+                return Ok(None);
+            }
+            Ok(parsed)
+        };
         Ok(DaemonConfig {
             listen: self.listen,
             stream,
-            rehearse_schedule: parse(&self.rehearse_schedule)?,
+            rehearse_schedule: reading("rehearse", &self.rehearse_schedule)?,
             rehearse,
             repo_args: repo_args.clone(),
             backup: parse(&self.backup_schedule)?,
-            verify: parse(&self.verify_schedule)?,
+            verify: reading("verify", &self.verify_schedule)?,
             prune,
             refresh: self.refresh,
             pg: self.pg.resolve()?,
