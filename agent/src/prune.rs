@@ -32,6 +32,42 @@ pub struct PruneOutcome {
     pub streamed_leftovers: usize,
     /// Filestore objects deleted.
     pub filestore_files: usize,
+    /// Objects retention would delete that S3 Object Lock still keeps
+    /// (a backup counts once); prune deletes them once their locks expire.
+    pub locked: usize,
+    /// When the last of those locks expires, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
+}
+
+/// The locks prune meets, when the repository has Object Lock.
+struct Locks {
+    enabled: bool,
+    now: std::time::SystemTime,
+    kept: usize,
+    until: Option<std::time::SystemTime>,
+}
+
+impl Locks {
+    /// Whether Object Lock still keeps `key`: then prune leaves it.
+    async fn keep(
+        &mut self,
+        storage: &Storage,
+        key: &crate::storage::ObjectKey,
+    ) -> Result<bool, StorageError> {
+        if !self.enabled {
+            return Ok(false);
+        }
+        match storage.locked_until(key).await? {
+            Some(until) if until > self.now => {
+                self.kept += 1;
+                self.until = Some(self.until.map_or(until, |u| u.max(until)));
+                tracing::info!(key = %key, until = %humantime::format_rfc3339_seconds(until), "kept: Object Lock still protects it");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Deletes what `plan` says, then the temp files that writes killed midway
@@ -44,9 +80,20 @@ pub async fn apply(
     storage: &Storage,
     plan: &RetentionPlan,
     debris_grace: Duration,
+    object_lock: bool,
 ) -> Result<PruneOutcome, StorageError> {
     let mut outcome = PruneOutcome::default();
+    let mut locks = Locks {
+        enabled: object_lock,
+        now: std::time::SystemTime::now(),
+        kept: 0,
+        until: None,
+    };
     for id in &plan.delete_backups {
+        // Its objects were written together: the record's lock stands for all.
+        if locks.keep(storage, &id.key(RECORD_FILE)).await? {
+            continue;
+        }
         delete_backup(storage, id).await?;
         tracing::info!(backup_id = %id, "deleted backup");
         outcome.backups += 1;
@@ -55,13 +102,19 @@ pub async fn apply(
         let Ok(parsed) = name.parse::<WalFileName>() else {
             continue;
         };
-        storage.delete(&crate::catalog::wal_key(&parsed)).await?;
+        let key = crate::catalog::wal_key(&parsed);
+        if locks.keep(storage, &key).await? {
+            continue;
+        }
+        storage.delete(&key).await?;
         outcome.wal_files += 1;
     }
     outcome.wal_bytes = plan.delete_wal_bytes;
     // After their WAL: a summary without its segment is harmless.
     for key in &plan.delete_summaries {
-        storage.delete(key).await?;
+        if !locks.keep(storage, key).await? {
+            storage.delete(key).await?;
+        }
     }
     for id in &plan.delete_debris {
         // Re-check: a backup that committed since the listing is not debris.
@@ -73,11 +126,17 @@ pub async fn apply(
         outcome.debris += 1;
     }
     for key in &plan.delete_filestore {
-        storage
-            .delete(&crate::storage::ObjectKey::new(key.clone())?)
-            .await?;
+        let key = crate::storage::ObjectKey::new(key.clone())?;
+        if locks.keep(storage, &key).await? {
+            continue;
+        }
+        storage.delete(&key).await?;
         outcome.filestore_files += 1;
     }
+    outcome.locked = locks.kept;
+    outcome.locked_until = locks
+        .until
+        .map(|u| humantime::format_rfc3339_seconds(u).to_string());
     outcome.streamed_leftovers = remove_streamed_leftovers(storage, plan).await?;
     // A live write's temp file is seconds old; the grace keeps it safe.
     outcome.temp_files = storage.remove_stale_temp_files(debris_grace).await?;

@@ -42,6 +42,47 @@ pub struct RepositoryOwner {
     /// Set when the repository's data objects are encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Set when S3 Object Lock keeps every new object (`init --object-lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// The bucket's default retention, as `init --object-lock` set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectLock {
+    /// Governance or compliance.
+    pub mode: crate::storage::LockMode,
+    /// Days each object stays locked after it is written.
+    pub days: u32,
+}
+
+/// `init --object-lock`, once the bucket locks new objects
+/// ([`Storage::set_default_retention`]): records it, so that `prune` checks
+/// locks before deleting.
+///
+/// # Errors
+/// The record cannot be rewritten.
+pub async fn set_object_lock(
+    storage: &Storage,
+    url: &str,
+    lock: ObjectLock,
+) -> Result<(), OwnerError> {
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    let mut owner = read_owner(storage, &key)
+        .await?
+        .ok_or_else(|| OwnerError::NoRepository {
+            url: url.to_owned(),
+        })?;
+    if owner.object_lock.as_ref() == Some(&lock) {
+        return Ok(());
+    }
+    owner.object_lock = Some(lock);
+    let body = serde_json::to_vec_pretty(&owner).expect("serializable");
+    storage
+        .put(&key, Bytes::from(body), PutMode::Overwrite)
+        .await?;
+    Ok(())
 }
 
 /// How an encrypted repository is encrypted: public keys only.
@@ -180,6 +221,7 @@ pub async fn init_repository(
                 created_at: now_rfc3339(),
                 created_by: CREATED_BY.to_owned(),
                 encryption,
+                object_lock: None,
             };
             let body = serde_json::to_vec_pretty(&record).expect("serializable");
             let key = ObjectKey::new(OWNER_KEY).expect("constant key");

@@ -24,8 +24,8 @@ pub mod rehearsals;
 pub mod retention;
 
 pub use identity::{
-    Encryption, InitOutcome, OwnerError, RepositoryOwner, add_recipient, ensure_owner,
-    init_repository, read_repository,
+    Encryption, InitOutcome, ObjectLock, OwnerError, RepositoryOwner, add_recipient, ensure_owner,
+    init_repository, read_repository, set_object_lock,
 };
 
 use crate::storage::ObjectKey;

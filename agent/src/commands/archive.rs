@@ -22,6 +22,15 @@ pub struct InitArgs {
     /// before initdb, and leaves the claim to the first push.
     #[arg(long)]
     pub pgdata: Option<PathBuf>,
+    /// S3 only: lock every object for DAYS after it is written (the
+    /// bucket's default Object Lock retention; the bucket must have been
+    /// created with Object Lock). Choose at least the retention window
+    /// plus a margin: until then no credential can delete an object.
+    #[arg(long, value_name = "DAYS")]
+    pub object_lock: Option<u32>,
+    /// The Object Lock mode.
+    #[arg(long, env = "PITR_LOCK_MODE", value_enum, default_value_t = crate::storage::LockMode::Governance)]
+    pub lock_mode: crate::storage::LockMode,
 }
 
 impl InitArgs {
@@ -55,10 +64,37 @@ impl InitArgs {
             },
             None => None,
         };
+        // The lock first, so that S3 locks the record too (and some stores
+        // set a default retention only on an empty bucket).
+        if let Some(days) = self.object_lock {
+            if days == 0 {
+                anyhow::bail!("--object-lock takes the days to keep each object, at least 1");
+            }
+            repo.storage
+                .set_default_retention(self.lock_mode, days)
+                .await
+                .with_context(|| format!("init --object-lock {}", repo.url))?;
+        }
         let outcome = repo
             .init(cluster)
             .await
             .with_context(|| format!("init {}", repo.url))?;
+        if let Some(days) = self.object_lock {
+            crate::catalog::set_object_lock(
+                &repo.storage,
+                &repo.url,
+                crate::catalog::ObjectLock {
+                    mode: self.lock_mode,
+                    days,
+                },
+            )
+            .await
+            .with_context(|| format!("init --object-lock {}", repo.url))?;
+            println!(
+                "every object written to {} from now on is locked for {days} days ({:?} mode)",
+                repo.url, self.lock_mode
+            );
+        }
         let owned_by = |o: &RepositoryOwner| match &o.system_identifier {
             Some(id) => format!("owned by the cluster with system identifier {id}"),
             None => "no owner yet: the first wal-push or backup claims it".to_owned(),

@@ -254,7 +254,8 @@ impl PruneArgs {
             print!("{}", report::plan_text(&plan, self.dry_run));
         }
         if !self.dry_run {
-            let outcome = prune::apply(&repo.storage, &plan, policy.debris_grace)
+            let locked = repo.owner().await?.object_lock.is_some();
+            let outcome = prune::apply(&repo.storage, &plan, policy.debris_grace, locked)
                 .await
                 .with_context(|| format!("prune {}", repo.url))?;
             if !self.json && (!plan.is_empty() || outcome.temp_files > 0) {
@@ -267,6 +268,13 @@ impl PruneArgs {
                     outcome.debris,
                     outcome.filestore_files,
                     outcome.temp_files
+                );
+            }
+            if let Some(until) = &outcome.locked_until {
+                println!(
+                    "kept {} backups or objects that S3 Object Lock still protects; prune \
+                     deletes them once their locks expire (the last at {until})",
+                    outcome.locked
                 );
             }
         }

@@ -642,10 +642,12 @@ async fn run_job(shared: &Shared, job: &'static str) {
                     SystemTime::now(),
                 )
                 .await?;
+                let locked = shared.repo.owner().await?.object_lock.is_some();
                 let outcome = crate::prune::apply(
                     &shared.repo.storage,
                     &plan,
                     shared.cfg.retention.debris_grace,
+                    locked,
                 )
                 .await?;
                 anyhow::Ok(outcome)

@@ -205,6 +205,18 @@ pub enum PutMode {
     CreateOnly,
 }
 
+/// S3 Object Lock's retention modes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete early.
+    Governance,
+    /// Nobody can delete early, not even the account's root user.
+    Compliance,
+}
+
 /// What `head` and `list` report about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -573,6 +585,40 @@ impl Storage {
             #[cfg(feature = "fault-injection")]
             Storage::Unreliable(s) => s.inner().remove_stale_temp_files(older_than).await,
             Storage::Sealed(s) => Box::pin(s.inner().remove_stale_temp_files(older_than)).await,
+        }
+    }
+
+    /// Until when S3 Object Lock keeps the object at `key`; `None` when it
+    /// is not locked, or the store has no locks (`file://`).
+    ///
+    /// # Errors
+    /// As classified by the backend.
+    pub async fn locked_until(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<std::time::SystemTime>, StorageError> {
+        match self.backend() {
+            Storage::S3(s) => s.locked_until(key).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// `init --object-lock`: S3 locks every new object for `days`.
+    ///
+    /// # Errors
+    /// Not S3, or a bucket created without Object Lock.
+    pub async fn set_default_retention(
+        &self,
+        mode: LockMode,
+        days: u32,
+    ) -> Result<(), StorageError> {
+        match self.backend() {
+            Storage::S3(s) => s.set_default_retention(mode, days).await,
+            _ => Err(StorageError::InvalidUrl {
+                url: "file://".to_owned(),
+                reason: "Object Lock is an S3 feature; for file://, see docs/security.md"
+                    .to_owned(),
+            }),
         }
     }
 

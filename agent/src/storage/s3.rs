@@ -20,7 +20,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use md5::{Digest, Md5};
 use tokio::io::AsyncReadExt;
 
-use super::{BoxReader, ObjectKey, ObjectMeta, PutMode, StorageError};
+use super::{BoxReader, LockMode, ObjectKey, ObjectMeta, PutMode, StorageError};
 
 /// Part size for multipart uploads; S3's minimum is 5 MiB.
 pub const PART_SIZE: usize = 8 << 20;
@@ -496,6 +496,103 @@ impl S3Store {
             }
         }
         Ok(out)
+    }
+
+    /// Until when S3 Object Lock keeps `key` (its current version), if it does.
+    pub(super) async fn locked_until(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<std::time::SystemTime>, StorageError> {
+        let location = self.location(key);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key.as_str()))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.object_lock_retain_until_date().and_then(system_time)),
+            Err(e) => match self.classify("inspect", location, e) {
+                StorageError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Sets the bucket's default Object Lock retention, so that S3 locks
+    /// every object written from now on, whatever wrote it.
+    pub(super) async fn set_default_retention(
+        &self,
+        mode: LockMode,
+        days: u32,
+    ) -> Result<(), StorageError> {
+        use aws_sdk_s3::types::{
+            DefaultRetention, ObjectLockConfiguration, ObjectLockEnabled, ObjectLockRetentionMode,
+            ObjectLockRule,
+        };
+        let location = format!("s3://{}", self.bucket);
+        let current = self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await;
+        let enabled = current.as_ref().ok().is_some_and(|c| {
+            c.object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled)
+        });
+        if !enabled {
+            return Err(StorageError::Remote {
+                op: "enable Object Lock on",
+                location,
+                detail: "the bucket was not created with Object Lock enabled (S3 turns it on \
+                         only at creation, with versioning); create a bucket with \
+                         --object-lock-enabled-for-bucket and use it"
+                    .to_owned(),
+            });
+        }
+        let wanted_mode = match mode {
+            LockMode::Governance => ObjectLockRetentionMode::Governance,
+            LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+        };
+        let already = current.as_ref().ok().is_some_and(|c| {
+            c.object_lock_configuration()
+                .and_then(|c| c.rule())
+                .and_then(|r| r.default_retention())
+                .is_some_and(|d| {
+                    d.mode() == Some(&wanted_mode)
+                        && d.days() == Some(i32::try_from(days).unwrap_or(i32::MAX))
+                })
+        });
+        // Idempotent: init runs at every start of an init container.
+        if already {
+            return Ok(());
+        }
+        let retention = DefaultRetention::builder()
+            .mode(match mode {
+                LockMode::Governance => ObjectLockRetentionMode::Governance,
+                LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+            })
+            .days(i32::try_from(days).unwrap_or(i32::MAX))
+            .build();
+        let config = ObjectLockConfiguration::builder()
+            .object_lock_enabled(ObjectLockEnabled::Enabled)
+            .rule(
+                ObjectLockRule::builder()
+                    .default_retention(retention)
+                    .build(),
+            )
+            .build();
+        self.client
+            .put_object_lock_configuration()
+            .bucket(&self.bucket)
+            .object_lock_configuration(config)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("configure Object Lock on", location, e))
     }
 
     pub(super) async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {

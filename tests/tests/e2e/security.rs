@@ -455,3 +455,119 @@ fn secrets_never_appear_in_outputs_logs_status_metrics_or_the_repository() {
         }
     }
 }
+
+/// A repository in a bucket with S3 Object Lock: `init --object-lock` makes
+/// S3 lock every new object; a version-specific delete of a backup before
+/// its retention date fails (what ransomware holding a delete credential
+/// meets), and `prune` keeps the locked backup and says when it can go.
+#[test]
+fn object_lock_keeps_backups_that_a_delete_credential_cannot_erase_and_prune_waits() {
+    let Some(bin) = pg_bin() else { return };
+    let Some(server) = super::s3_server(pitr_tests::s3::S3Kind::Moto) else {
+        return;
+    };
+    let bucket = format!("pitr-locked-{:08x}", rand::random::<u32>());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = rt.block_on(server.client());
+    rt.block_on(
+        client
+            .create_bucket()
+            .bucket(&bucket)
+            .object_lock_enabled_for_bucket(true)
+            .send(),
+    )
+    .expect("create a bucket with Object Lock");
+    let repo = format!("s3://{bucket}/pitr");
+    let env = server.env();
+    // Before anything is written (moto sets a default retention only on an
+    // empty bucket; AWS on any).
+    let out = pitr_tests::bins::agent_cmd(RunAs::test_user())
+        .envs(env.iter().cloned())
+        .args([
+            "--repo",
+            &repo,
+            "init",
+            "--object-lock",
+            "1",
+            "--lock-mode",
+            "governance",
+        ])
+        .output()
+        .expect("run init");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("locked for 1 days"));
+    let setup = Setup {
+        pg: super::archiving_cluster_with(&bin, &repo, &env, &[]),
+        repo,
+        env,
+        dir: None,
+        _tmp: None,
+        server: Some(server),
+    };
+    // Again, as an init container does at every start: nothing changes.
+    let out = setup.run(&["init", "--object-lock", "1", "--lock-mode", "governance"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("locked for 1 days"));
+
+    let first = setup.backup()["id"].as_str().expect("id").to_owned();
+    setup.pg.exec("CREATE TABLE t AS SELECT 1 AS i");
+    let _ = setup.pg.switch_wal();
+    setup.backup();
+
+    // The lock S3 put on the first backup's data, read back with HEAD.
+    let key = format!("pitr/backups/{first}/base.tar.gz");
+    let head = rt
+        .block_on(client.head_object().bucket(&bucket).key(&key).send())
+        .expect("head");
+    let until = head
+        .object_lock_retain_until_date()
+        .expect("the object is locked");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs();
+    assert!(
+        until.secs() > i64::try_from(now + 20 * 3600).expect("fits"),
+        "locked for about a day: {until:?}"
+    );
+    // A credential that can delete cannot erase it early.
+    let deleted = rt.block_on(
+        client
+            .delete_object()
+            .bucket(&bucket)
+            .key(&key)
+            .version_id(head.version_id().expect("versioned"))
+            .send(),
+    );
+    assert!(deleted.is_err(), "a locked version was deleted");
+
+    // prune: retention would delete the first backup; the lock keeps it.
+    let out = setup.run(&["prune", "--retain-full", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("Object Lock still protects") && text.contains("locks expire"),
+        "{text}"
+    );
+    let listed = setup.list();
+    assert_eq!(
+        listed["backups"].as_array().map(Vec::len),
+        Some(2),
+        "the locked backup is still listed: {listed}"
+    );
+
+    // file:// has no Object Lock: a clear refusal.
+    let file = user_tempdir(RunAs::test_user(), "nolock");
+    let out = Command::new(pitr_tests::bins::agent())
+        .args(["--repo"])
+        .arg(format!("file://{}/repo", file.path().display()))
+        .args(["init", "--object-lock", "1"])
+        .output()
+        .expect("run init");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Object Lock is an S3 feature"),
+        "{}",
+        stderr(&out)
+    );
+}
