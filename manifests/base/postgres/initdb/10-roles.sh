@@ -19,5 +19,19 @@ CREATE DATABASE keycloak OWNER keycloak;
 SQL
   echo "initdb: role and database keycloak created"
 fi
-echo "host replication postgres all scram-sha-256" >> "$PGDATA/pg_hba.conf"
-echo "initdb: role $ODOO_DB_USER created; replication for the backup job allowed with a password"
+# The backup CronJob's role (Kubernetes sets PITR_BACKUP_PASSWORD; the
+# compose stack's agent uses the Unix socket): replication and the
+# monitoring views, no superuser (docs/security.md names the grants).
+if [ -n "${PITR_BACKUP_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 --username postgres --dbname postgres \
+    --set=password="$PITR_BACKUP_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE pitr_backup LOGIN REPLICATION PASSWORD %L', :'password') \gexec
+GRANT pg_monitor TO pitr_backup;
+SQL
+  cat >> "$PGDATA/pg_hba.conf" <<'HBA'
+host replication pitr_backup all scram-sha-256
+host postgres    pitr_backup all scram-sha-256
+HBA
+  echo "initdb: role pitr_backup created; the backup job connects as it with a password"
+fi
+echo "initdb: role $ODOO_DB_USER created"
