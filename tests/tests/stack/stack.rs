@@ -358,3 +358,70 @@ fn the_restore_rehearsal_component_renders_a_cronjob_that_validates() {
         assert!(!out.contains("FAILED for resource"), "{out}");
     }
 }
+
+/// The S3 policies docs/security.md gives each side: writers cannot delete
+/// (but the stream's superseded pieces), prune can, readers only read and
+/// write their rehearsal records. Checked as written; no IAM server runs
+/// here to enforce them.
+#[test]
+fn the_iam_policies_give_each_side_only_what_it_needs() {
+    let load = |name: &str| -> Vec<(Vec<String>, String)> {
+        let path = repo_root().join(format!("docs/iam/{name}.json"));
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("policy")).expect("JSON");
+        doc["Statement"]
+            .as_array()
+            .expect("statements")
+            .iter()
+            .map(|s| {
+                assert_eq!(s["Effect"], "Allow", "{name}: {s}");
+                let actions = s["Action"]
+                    .as_array()
+                    .expect("actions")
+                    .iter()
+                    .map(|a| a.as_str().expect("action").to_owned())
+                    .collect();
+                (
+                    actions,
+                    s["Resource"].as_str().expect("resource").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let grants = |policy: &[(Vec<String>, String)], action: &str| -> Vec<String> {
+        policy
+            .iter()
+            .filter(|(a, _)| a.iter().any(|x| x == action || x == "s3:*" || x == "*"))
+            .map(|(_, r)| r.clone())
+            .collect()
+    };
+    let writer = load("writer");
+    assert_eq!(
+        grants(&writer, "s3:DeleteObject"),
+        vec!["arn:aws:s3:::BUCKET/PREFIX/wal-partial/*".to_owned()],
+        "writers delete only the stream's superseded pieces"
+    );
+    assert!(!grants(&writer, "s3:PutObject").is_empty());
+    assert!(grants(&writer, "s3:BypassGovernanceRetention").is_empty());
+    assert!(grants(&writer, "s3:PutObjectRetention").is_empty());
+    let prune = load("prune");
+    assert_eq!(
+        grants(&prune, "s3:DeleteObject"),
+        vec!["arn:aws:s3:::BUCKET/PREFIX/*".to_owned()]
+    );
+    assert!(grants(&prune, "s3:PutObject").is_empty());
+    let reader = load("reader");
+    assert!(grants(&reader, "s3:DeleteObject").is_empty());
+    assert_eq!(
+        grants(&reader, "s3:PutObject"),
+        vec!["arn:aws:s3:::BUCKET/PREFIX/rehearsals/*".to_owned()],
+        "readers write only their rehearsal records"
+    );
+    for policy in [&writer, &prune, &reader] {
+        assert!(
+            grants(policy, "s3:GetObject")
+                .iter()
+                .any(|r| r.ends_with("PREFIX/*"))
+        );
+    }
+}
