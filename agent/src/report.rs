@@ -330,6 +330,9 @@ pub fn verify_text(r: &VerifyReport) -> String {
             f.message
         );
     }
+    for (id, to) in &r.recipients {
+        let _ = writeln!(out, "backup {id} is encrypted to {}", to.join(", "));
+    }
     let errors = r
         .findings
         .iter()

@@ -91,6 +91,10 @@ pub struct VerifyReport {
     pub wal_summaries_stored: u64,
     /// Everything found, errors first.
     pub findings: Vec<Finding>,
+    /// Encrypted repositories: the recipients each backup's data was
+    /// encrypted to, so that rotation keeps the identities restores need.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub recipients: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl VerifyReport {
@@ -128,6 +132,7 @@ pub async fn verify(
         wal_objects_read: 0,
         wal_summaries_stored: 0,
         findings: Vec::new(),
+        recipients: std::collections::BTreeMap::new(),
     };
     let selected: Vec<&BackupRecord> = match &opts.backup {
         Some(id) => {
@@ -197,6 +202,9 @@ pub async fn verify(
     }
     for backup in &selected {
         verify_backup(storage, backup, &mut report).await?;
+        if let Some(tag) = storage.seal_tag(&backup.id.key(DATA_FILE)).await? {
+            report.recipients.insert(backup.id.to_string(), tag.to);
+        }
         report.backups_checked.push(backup.id.clone());
     }
 

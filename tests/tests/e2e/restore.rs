@@ -509,6 +509,18 @@ fn encrypted_pitr(bin: &PgBin, kind: Option<S3Kind>) {
             "{k} holds the plaintext marker"
         );
     }
+    // verify names the recipient every backup needs.
+    let out = pitr_tests::bins::run_ok(
+        &mut src.setup.agent(&["verify", "--json"]),
+        "verify an encrypted repository",
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let recipients = report["recipients"].as_object().expect("recipients");
+    assert!(recipients.len() >= 2, "{report}");
+    for to in recipients.values() {
+        assert_eq!(to, &serde_json::json!([key.recipient]), "{report}");
+    }
+
     // The oracle: decrypted, the segment does hold the marker.
     let dir = pitr_tests::user_tempdir(RunAs::test_user(), "fetched");
     let fetched = dir.path().join(&segment);

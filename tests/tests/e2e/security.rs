@@ -571,3 +571,81 @@ fn object_lock_keeps_backups_that_a_delete_credential_cannot_erase_and_prune_wai
         stderr(&out)
     );
 }
+
+/// Keys that do not fit the repository are refused before anything is
+/// read or written, each with what to set; `key add` lets writers move to a
+/// new recipient.
+#[test]
+fn keys_that_do_not_fit_the_repository_are_refused_and_key_add_rotates() {
+    let user = RunAs::test_user();
+    let key = pitr_tests::bins::TestKey::generate(user);
+    let next = pitr_tests::bins::TestKey::generate(user);
+    let dir = user_tempdir(user, "keys");
+    let encrypted = format!("file://{}/encrypted", dir.path().display());
+    let clear = format!("file://{}/clear", dir.path().display());
+    let agent = |repo: &str, env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = pitr_tests::bins::agent_cmd(user);
+        cmd.env_remove("PITR_ENCRYPT_TO")
+            .env_remove("PITR_IDENTITY_FILE")
+            .envs(env.iter().copied())
+            .args(["--repo", repo])
+            .args(args);
+        cmd.output().expect("run pitr-agent")
+    };
+    let ok = |out: &Output, what: &str| assert!(out.status.success(), "{what}: {}", stderr(out));
+    let refused = |out: &Output, needle: &str| {
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(out));
+        assert!(
+            stderr(out).contains(needle),
+            "{needle:?} in {}",
+            stderr(out)
+        );
+    };
+    ok(
+        &agent(&encrypted, &[], &["init", "--encrypt-to", &key.recipient]),
+        "init --encrypt-to",
+    );
+    ok(&agent(&clear, &[], &["init"]), "init");
+    let record =
+        std::fs::read_to_string(dir.path().join("encrypted/pitr-repository.json")).expect("record");
+    assert!(record.contains(&key.recipient), "{record}");
+
+    // No keys on an encrypted repository; keys on a clear one.
+    refused(&agent(&encrypted, &[], &["list"]), "need PITR_ENCRYPT_TO");
+    refused(
+        &agent(&clear, &[("PITR_ENCRYPT_TO", &key.recipient)], &["list"]),
+        "it is not encrypted",
+    );
+    // A recipient the record does not list, until `key add`.
+    let with_next = [("PITR_ENCRYPT_TO", next.recipient.as_str())];
+    refused(&agent(&encrypted, &with_next, &["list"]), "key add");
+    ok(
+        &agent(
+            &encrypted,
+            &[("PITR_ENCRYPT_TO", &key.recipient)],
+            &["key", "add", &next.recipient],
+        ),
+        "key add",
+    );
+    ok(
+        &agent(&encrypted, &with_next, &["list"]),
+        "list after key add",
+    );
+    // An identity file that is not one is named, never printed.
+    let bogus = dir.path().join("bogus.txt");
+    std::fs::write(&bogus, "AGE-SECRET-KEY-1NOTAKEY\n").expect("write");
+    let out = agent(
+        &encrypted,
+        &[("PITR_IDENTITY_FILE", bogus.to_str().expect("utf-8"))],
+        &["list"],
+    );
+    refused(&out, "line 1 is not an age X25519 identity");
+    assert!(!stderr(&out).contains("NOTAKEY"), "{}", stderr(&out));
+    // `key generate` never overwrites.
+    let out = pitr_tests::bins::agent_cmd(user)
+        .args(["key", "generate", "--out"])
+        .arg(&key.identity)
+        .output()
+        .expect("run key generate");
+    assert_ne!(out.status.code(), Some(0), "overwrote an identity");
+}
