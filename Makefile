@@ -16,7 +16,7 @@ E2E_ON_OLD ?= walread:: trust:: archiving:: backup:: stream:: \
 	restore::life_after_a_restore_on_a_file restore::randomized_point_in_time_restores_from_a_file \
 	restore::refusals restore::a_gap_after
 
-.PHONY: demo test test-long test-repeat test-unit test-e2e bench lint deps images
+.PHONY: demo test test-long test-repeat test-unit test-e2e bench lint deps images release
 
 demo:
 	.ci/install-deps.sh --demo
@@ -64,6 +64,18 @@ bench:
 	cargo bench --workspace --bench stream
 	cargo bench --workspace --bench filestore
 	cargo bench --workspace --bench tenant
+
+# Release binaries and a CycloneDX SBOM of each (target/release/sbom/),
+# after the supply-chain checks.
+release:
+	.ci/supply-chain.sh
+	command -v cargo-cyclonedx >/dev/null || cargo install --locked cargo-cyclonedx@0.5.7
+	cargo build --release --locked -p pitr-agent -p pgrestore
+	cargo cyclonedx --format json --spec-version 1.5
+	mkdir -p target/release/sbom
+	mv agent/pitr-agent.cdx.json restore-cli/pgrestore.cdx.json target/release/sbom/
+	rm -f tests/pitr-tests.cdx.json
+	@echo "== target/release/pitr-agent, target/release/pgrestore, target/release/sbom/*.cdx.json"
 
 lint:
 	cargo fmt --all -- --check
