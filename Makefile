@@ -11,7 +11,7 @@ EXTRA_PG_MAJORS ?= 14 16 17 18
 # restores on 15, 17 and 18). On 14 and
 # 16 the restore tests whose subject is the store (S3, faults, load) are
 # left to the other majors, to keep CI within its time.
-E2E_ON_EXTRA ?= walread:: trust:: archiving:: backup:: restore:: stream:: tenant::
+E2E_ON_EXTRA ?= walread:: trust:: archiving:: backup:: restore:: stream:: tenant:: security::tls
 E2E_ON_OLD ?= walread:: trust:: archiving:: backup:: stream:: \
 	restore::life_after_a_restore_on_a_file restore::randomized_point_in_time_restores_from_a_file \
 	restore::refusals restore::a_gap_after
