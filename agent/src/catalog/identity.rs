@@ -205,7 +205,8 @@ pub async fn init_repository(
                 Some(keys) if keys.recipient_ids().is_empty() => {
                     return Err(OwnerError::Encryption {
                         url: url.to_owned(),
-                        detail: "an identity alone cannot create an encrypted repository: give                                  `init --encrypt-to age1...` (PITR_ENCRYPT_TO) the recipient"
+                        detail: "an identity alone cannot create an encrypted repository: give \
+                                 `init --encrypt-to age1...` (PITR_ENCRYPT_TO) the recipient"
                             .to_owned(),
                     });
                 }
@@ -290,11 +291,15 @@ fn check_keys(owner: &RepositoryOwner, storage: &Storage, url: &str) -> Result<(
     match (&owner.encryption, storage.keys()) {
         (None, None) => Ok(()),
         (None, Some(_)) => refuse(
-            "it is not encrypted, but PITR_ENCRYPT_TO or PITR_IDENTITY_FILE is set: unset them              for this repository, or create an encrypted one at a new URL with `pitr-agent init              --encrypt-to age1...` (a repository is encrypted from its first object or not at all)"
+            "it is not encrypted, but PITR_ENCRYPT_TO or PITR_IDENTITY_FILE is set: unset them \
+             for this repository, or create an encrypted one at a new URL with `pitr-agent init \
+             --encrypt-to age1...` (a repository is encrypted from its first object or not at all)"
                 .to_owned(),
         ),
         (Some(e), None) => refuse(format!(
-            "it is encrypted to {}: writers (wal-push, backup, the daemon) need PITR_ENCRYPT_TO              set to that recipient, readers (wal-fetch, pgrestore, verify, rehearse) need              PITR_IDENTITY_FILE pointing at its identity file",
+            "it is encrypted to {}: writers (wal-push, backup, the daemon) need PITR_ENCRYPT_TO \
+             set to that recipient, readers (wal-fetch, pgrestore, verify, rehearse) need \
+             PITR_IDENTITY_FILE pointing at its identity file",
             e.recipients.join(", ")
         )),
         (Some(e), Some(keys)) => {
@@ -307,7 +312,8 @@ fn check_keys(owner: &RepositoryOwner, storage: &Storage, url: &str) -> Result<(
                 Ok(())
             } else {
                 refuse(format!(
-                    "PITR_ENCRYPT_TO names {}, which the repository does not list (it lists {}):                      check the value, or add the recipient with `pitr-agent key add` first",
+                    "PITR_ENCRYPT_TO names {}, which the repository does not list (it lists {}): \
+                     check the value, or add the recipient with `pitr-agent key add` first",
                     unknown.join(", "),
                     e.recipients.join(", ")
                 ))
@@ -336,7 +342,8 @@ pub async fn add_recipient(
     let Some(encryption) = owner.encryption.as_mut() else {
         return Err(OwnerError::Encryption {
             url: url.to_owned(),
-            detail: "it is not encrypted, so it takes no recipients; create an encrypted                      repository at a new URL with `pitr-agent init --encrypt-to age1...`"
+            detail: "it is not encrypted, so it takes no recipients; create an encrypted \
+                     repository at a new URL with `pitr-agent init --encrypt-to age1...`"
                 .to_owned(),
         });
     };
