@@ -621,13 +621,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthGuard<S> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.state != GuardState::Off {
-                    let new = buf.filled()[before..].to_vec();
-                    if let Err(e) = this.inspect(&new) {
-                        // The client above must not see the request.
-                        buf.set_filled(before);
-                        return Poll::Ready(Err(e));
-                    }
+                if this.state != GuardState::Off
+                    && let Err(e) = this.inspect(&buf.filled()[before..])
+                {
+                    // The client above must not see the request.
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Ok(()))
             }

@@ -150,6 +150,124 @@ impl Keys {
     }
 }
 
+/// Why an object cannot be read with the configured identities.
+enum Unreadable {
+    /// No identity is configured.
+    NoIdentity,
+    /// None of the identities is a recipient of the object.
+    NoMatch,
+    /// Decryption failed: damage or tampering.
+    Damaged(String),
+}
+
+impl Unreadable {
+    fn of(e: &age::DecryptError) -> Self {
+        match e {
+            age::DecryptError::NoMatchingKeys => Unreadable::NoMatch,
+            other => Unreadable::Damaged(other.to_string()),
+        }
+    }
+}
+
+impl Keys {
+    fn encryptor(&self, location: &str, tag: SealTag) -> Result<age::Encryptor, StorageError> {
+        if self.recipients.is_empty() {
+            return Err(StorageError::Sealed {
+                location: location.to_owned(),
+                detail: "the repository is encrypted and writing needs a recipient: set \
+                         PITR_ENCRYPT_TO to the repository's age1... recipient"
+                    .to_owned(),
+            });
+        }
+        let tag = TagRecipient(tag);
+        let recipients = std::iter::once(&tag as &dyn age::Recipient)
+            .chain(self.recipients.iter().map(|r| r as &dyn age::Recipient));
+        age::Encryptor::with_recipients(recipients).map_err(|e| StorageError::Sealed {
+            location: location.to_owned(),
+            detail: format!("cannot encrypt: {e}"),
+        })
+    }
+
+    /// Encrypts `plain` (whose SHA-256 is `digest`) in one piece, tagged
+    /// with its digests.
+    fn seal(
+        &self,
+        location: &str,
+        plain: &[u8],
+        digest: Sha256Digest,
+    ) -> Result<Vec<u8>, StorageError> {
+        let tag = SealTag {
+            sha256: Some(digest),
+            raw: crate::compress::header_digest(plain),
+            to: self.recipient_ids(),
+        };
+        let encryptor = self.encryptor(location, tag)?;
+        let mut out = Vec::with_capacity(plain.len() + plain.len() / 4000 + 1024);
+        let io = |e: io::Error| StorageError::Io {
+            op: "encrypting",
+            location: location.to_owned(),
+            source: e,
+        };
+        let mut writer = encryptor.wrap_output(&mut out).map_err(io)?;
+        writer.write_all(plain).map_err(io)?;
+        writer.finish().map_err(io)?;
+        Ok(out)
+    }
+
+    /// Decrypts a whole object.
+    fn open(&self, location: &str, sealed: &[u8]) -> Result<Vec<u8>, StorageError> {
+        if !self.can_read() {
+            return Err(self.unreadable(location, sealed, Unreadable::NoIdentity));
+        }
+        let unreadable =
+            |e: &age::DecryptError| self.unreadable(location, sealed, Unreadable::of(e));
+        let mut reader = age::Decryptor::new_buffered(sealed)
+            .and_then(|d| d.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity)))
+            .map_err(|e| unreadable(&e))?;
+        let mut out = Vec::with_capacity(sealed.len());
+        reader
+            .read_to_end(&mut out)
+            .map_err(|e| self.unreadable(location, sealed, Unreadable::Damaged(e.to_string())))?;
+        Ok(out)
+    }
+
+    /// The error for the object at `location`, whose first bytes are `head`.
+    fn unreadable(&self, location: &str, head: &[u8], why: Unreadable) -> StorageError {
+        let location = location.to_owned();
+        if !head.starts_with(AGE_MAGIC) {
+            return StorageError::Sealed {
+                location,
+                detail: "the repository is encrypted but this object is not an age file: it was \
+                         written by something else or altered; `pitr-agent verify` lists what \
+                         is affected"
+                    .to_owned(),
+            };
+        }
+        let to = SealTag::parse(head).map(|t| t.to).unwrap_or_default();
+        let to = if to.is_empty() {
+            "recipients it does not name".to_owned()
+        } else {
+            to.join(", ")
+        };
+        let detail = match (&self.identity_file, why) {
+            (None, _) | (_, Unreadable::NoIdentity) => format!(
+                "it is encrypted to {to}, and reading it needs the identity: set \
+                 PITR_IDENTITY_FILE to the age identity file of one of them"
+            ),
+            (Some(file), Unreadable::NoMatch) => format!(
+                "it is encrypted to {to}, and no identity in {file} (for {}) is one of them: give \
+                 PITR_IDENTITY_FILE the identity of one of those recipients",
+                self.identity_recipients().join(", ")
+            ),
+            (Some(_), Unreadable::Damaged(cause)) => format!(
+                "decryption failed ({cause}): the object is damaged or was altered; `pitr-agent \
+                 verify` lists what is affected"
+            ),
+        };
+        StorageError::Sealed { location, detail }
+    }
+}
+
 fn read_identities(path: &std::path::Path) -> Result<Vec<x25519::Identity>, KeyError> {
     let bad = |reason: String| KeyError::BadIdentity {
         file: path.display().to_string(),
@@ -273,7 +391,8 @@ impl age::Recipient for TagRecipient {
 #[derive(Debug)]
 pub struct Sealed {
     inner: Storage,
-    keys: Keys,
+    /// Shared with the blocking tasks that encrypt and decrypt.
+    keys: Arc<Keys>,
     is_data: fn(&str) -> bool,
 }
 
@@ -300,7 +419,7 @@ impl Sealed {
     pub fn new(inner: Storage, keys: Keys, is_data: fn(&str) -> bool) -> Self {
         Sealed {
             inner,
-            keys,
+            keys: Arc::new(keys),
             is_data,
         }
     }
@@ -319,109 +438,6 @@ impl Sealed {
 
     fn sealed(&self, key: &ObjectKey) -> bool {
         (self.is_data)(key.as_str())
-    }
-
-    fn encryptor(&self, key: &ObjectKey, tag: SealTag) -> Result<age::Encryptor, StorageError> {
-        if self.keys.recipients.is_empty() {
-            return Err(StorageError::Sealed {
-                location: self.inner.location(key),
-                detail: "the repository is encrypted and writing needs a recipient: set \
-                         PITR_ENCRYPT_TO to the repository's age1... recipient"
-                    .to_owned(),
-            });
-        }
-        let tag = TagRecipient(tag);
-        let recipients = std::iter::once(&tag as &dyn age::Recipient).chain(
-            self.keys
-                .recipients
-                .iter()
-                .map(|r| r as &dyn age::Recipient),
-        );
-        age::Encryptor::with_recipients(recipients).map_err(|e| StorageError::Sealed {
-            location: self.inner.location(key),
-            detail: format!("cannot encrypt: {e}"),
-        })
-    }
-
-    /// Encrypts `plain` in one piece, tagged with its digests.
-    fn seal(&self, key: &ObjectKey, plain: &[u8]) -> Result<Vec<u8>, StorageError> {
-        let tag = SealTag {
-            sha256: Some(Sha256Digest::of(plain)),
-            raw: crate::compress::header_digest(plain),
-            to: self.keys.recipient_ids(),
-        };
-        let encryptor = self.encryptor(key, tag)?;
-        let mut out = Vec::with_capacity(plain.len() + plain.len() / 4000 + 1024);
-        let io = |e: io::Error| StorageError::Io {
-            op: "encrypting",
-            location: self.inner.location(key),
-            source: e,
-        };
-        let mut writer = encryptor.wrap_output(&mut out).map_err(io)?;
-        writer.write_all(plain).map_err(io)?;
-        writer.finish().map_err(io)?;
-        Ok(out)
-    }
-
-    /// Why `head` (the start of the object at `key`) cannot be decrypted
-    /// with the configured identities.
-    fn unreadable(&self, key: &ObjectKey, head: &[u8], cause: &str) -> StorageError {
-        let location = self.inner.location(key);
-        if !head.starts_with(AGE_MAGIC) {
-            return StorageError::Sealed {
-                location,
-                detail: "the repository is encrypted but this object is not an age file: it was \
-                         written by something else or altered; `pitr-agent verify` lists what \
-                         is affected"
-                    .to_owned(),
-            };
-        }
-        let to = SealTag::parse(head).map(|t| t.to).unwrap_or_default();
-        let to = if to.is_empty() {
-            "recipients it does not name".to_owned()
-        } else {
-            to.join(", ")
-        };
-        let detail = match (&self.keys.identity_file, cause) {
-            (None, _) => format!(
-                "it is encrypted to {to}, and reading it needs the identity: set \
-                 PITR_IDENTITY_FILE to the age identity file of one of them"
-            ),
-            (Some(file), "no-match") => format!(
-                "it is encrypted to {to}, and no identity in {file} (for {}) is one of them: give \
-                 PITR_IDENTITY_FILE the identity of one of those recipients",
-                self.keys.identity_recipients().join(", ")
-            ),
-            (Some(_), cause) => format!(
-                "decryption failed ({cause}): the object is damaged or was altered; `pitr-agent \
-                 verify` lists what is affected"
-            ),
-        };
-        StorageError::Sealed { location, detail }
-    }
-
-    fn decrypt_error(&self, key: &ObjectKey, head: &[u8], e: &age::DecryptError) -> StorageError {
-        match e {
-            age::DecryptError::NoMatchingKeys => self.unreadable(key, head, "no-match"),
-            other => self.unreadable(key, head, &other.to_string()),
-        }
-    }
-
-    /// Decrypts a whole object.
-    fn open(&self, key: &ObjectKey, sealed: &[u8]) -> Result<Vec<u8>, StorageError> {
-        if !self.keys.can_read() {
-            return Err(self.unreadable(key, sealed, "no-identity"));
-        }
-        let decryptor = age::Decryptor::new_buffered(sealed)
-            .map_err(|e| self.decrypt_error(key, sealed, &e))?;
-        let mut reader = decryptor
-            .decrypt(self.keys.identities.iter().map(|i| i as &dyn age::Identity))
-            .map_err(|e| self.decrypt_error(key, sealed, &e))?;
-        let mut out = Vec::with_capacity(sealed.len());
-        reader
-            .read_to_end(&mut out)
-            .map_err(|e| self.unreadable(key, sealed, &e.to_string()))?;
-        Ok(out)
     }
 
     /// The tag of the stored object at `key`, if it is an age file with one.
@@ -444,22 +460,14 @@ impl Sealed {
         if !self.sealed(key) {
             return Box::pin(self.inner.put(key, body, mode)).await;
         }
-        let digest = Sha256Digest::of(&body);
-        let sealed = {
-            let this_key = key.clone();
-            let keys = self.keys.clone();
-            let inner = self.inner.clone();
-            let is_data = self.is_data;
-            tokio::task::spawn_blocking(move || {
-                Sealed::new(inner, keys, is_data).seal(&this_key, &body)
-            })
-            .await
-            .map_err(|e| StorageError::Io {
-                op: "encrypting",
-                location: self.inner.location(key),
-                source: io::Error::other(e.to_string()),
-            })??
-        };
+        let (keys, location) = (Arc::clone(&self.keys), self.inner.location(key));
+        let (digest, sealed) = tokio::task::spawn_blocking(move || {
+            let digest = Sha256Digest::of(&body);
+            keys.seal(&location, &body, digest)
+                .map(|sealed| (digest, sealed))
+        })
+        .await
+        .map_err(|e| join_error(&self.inner.location(key), &e))??;
         match Box::pin(self.inner.put(key, Bytes::from(sealed), mode)).await {
             Err(StorageError::AlreadyExists(location)) if mode == PutMode::CreateOnly => {
                 match self.tag(key).await? {
@@ -490,7 +498,8 @@ impl Sealed {
         };
         let out = Shared::default();
         let writer = self
-            .encryptor(key, tag)?
+            .keys
+            .encryptor(&self.inner.location(key), tag)?
             .wrap_output(out.clone())
             .map_err(|e| StorageError::Io {
                 op: "encrypting",
@@ -515,15 +524,10 @@ impl Sealed {
         if !self.sealed(key) {
             return Ok(stored);
         }
-        let keys = self.keys.clone();
-        let (inner, is_data, k) = (self.inner.clone(), self.is_data, key.clone());
-        tokio::task::spawn_blocking(move || Sealed::new(inner, keys, is_data).open(&k, &stored))
+        let (keys, location) = (Arc::clone(&self.keys), self.inner.location(key));
+        tokio::task::spawn_blocking(move || keys.open(&location, &stored))
             .await
-            .map_err(|e| StorageError::Io {
-                op: "decrypting",
-                location: self.inner.location(key),
-                source: io::Error::other(e.to_string()),
-            })?
+            .map_err(|e| join_error(&self.inner.location(key), &e))?
             .map(Bytes::from)
     }
 
@@ -559,7 +563,11 @@ impl Sealed {
         }
         if !self.keys.can_read() {
             let head = Box::pin(self.inner.get_prefix(key, HEADER_PROBE_LEN)).await?;
-            return Err(self.unreadable(key, &head, "no-identity"));
+            return Err(self.keys.unreadable(
+                &self.inner.location(key),
+                &head,
+                Unreadable::NoIdentity,
+            ));
         }
         let stored = Box::pin(self.inner.get_stream(key)).await?;
         let buffered = tokio::io::BufReader::with_capacity(256 * 1024, stored).compat();
@@ -571,7 +579,9 @@ impl Sealed {
             Ok(reader) => Ok(Box::new(reader.compat())),
             Err(e) => {
                 let head = Box::pin(self.inner.get_prefix(key, HEADER_PROBE_LEN)).await?;
-                Err(self.decrypt_error(key, &head, &e))
+                Err(self
+                    .keys
+                    .unreadable(&self.inner.location(key), &head, Unreadable::of(&e)))
             }
         }
     }
@@ -594,6 +604,15 @@ impl Sealed {
 
     pub(super) fn location(&self, key: &ObjectKey) -> String {
         self.inner.location(key)
+    }
+}
+
+/// A blocking encryption or decryption task that did not finish (a panic).
+fn join_error(location: &str, e: &tokio::task::JoinError) -> StorageError {
+    StorageError::Io {
+        op: "encrypting or decrypting",
+        location: location.to_owned(),
+        source: io::Error::other(e.to_string()),
     }
 }
 
