@@ -57,34 +57,6 @@ pub struct ObjectLock {
     pub days: u32,
 }
 
-/// `init --object-lock`, once the bucket locks new objects
-/// ([`Storage::set_default_retention`]): records it, so that `prune` checks
-/// locks before deleting.
-///
-/// # Errors
-/// The record cannot be rewritten.
-pub async fn set_object_lock(
-    storage: &Storage,
-    url: &str,
-    lock: ObjectLock,
-) -> Result<(), OwnerError> {
-    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    let mut owner = read_owner(storage, &key)
-        .await?
-        .ok_or_else(|| OwnerError::NoRepository {
-            url: url.to_owned(),
-        })?;
-    if owner.object_lock.as_ref() == Some(&lock) {
-        return Ok(());
-    }
-    owner.object_lock = Some(lock);
-    let body = serde_json::to_vec_pretty(&owner).expect("serializable");
-    storage
-        .put(&key, Bytes::from(body), PutMode::Overwrite)
-        .await?;
-    Ok(())
-}
-
 /// How an encrypted repository is encrypted: public keys only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -265,13 +237,7 @@ pub async fn init_repository(
 /// # Errors
 /// [`OwnerError::NoRepository`] when there is no record; storage failures.
 pub async fn read_repository(storage: &Storage, url: &str) -> Result<RepositoryOwner, OwnerError> {
-    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    let mut owner = read_owner(storage, &key)
-        .await?
-        .ok_or_else(|| OwnerError::NoRepository {
-            url: url.to_owned(),
-        })?;
-    check_keys(&owner, storage, url)?;
+    let mut owner = existing_record(storage, url).await?;
     if owner.system_identifier.is_none() {
         owner.system_identifier = read_claim(storage).await?.map(|c| c.system_identifier);
     }
@@ -322,6 +288,37 @@ fn check_keys(owner: &RepositoryOwner, storage: &Storage, url: &str) -> Result<(
     }
 }
 
+/// The repository record, once the configured keys are checked against it.
+async fn existing_record(storage: &Storage, url: &str) -> Result<RepositoryOwner, OwnerError> {
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    let owner = read_owner(storage, &key)
+        .await?
+        .ok_or_else(|| OwnerError::NoRepository {
+            url: url.to_owned(),
+        })?;
+    check_keys(&owner, storage, url)?;
+    Ok(owner)
+}
+
+/// Rewrites the repository record with what `change` did to it; `change`
+/// answers whether it changed anything (nothing is written otherwise).
+async fn update_record(
+    storage: &Storage,
+    url: &str,
+    change: impl FnOnce(&mut RepositoryOwner) -> Result<bool, OwnerError>,
+) -> Result<bool, OwnerError> {
+    let mut owner = existing_record(storage, url).await?;
+    if !change(&mut owner)? {
+        return Ok(false);
+    }
+    let body = serde_json::to_vec_pretty(&owner).expect("serializable");
+    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
+    storage
+        .put(&key, Bytes::from(body), PutMode::Overwrite)
+        .await?;
+    Ok(true)
+}
+
 /// `pitr-agent key add`: lists `recipient` in the repository record, so that
 /// writers may encrypt new objects to it. Returns whether it was new.
 ///
@@ -332,30 +329,42 @@ pub async fn add_recipient(
     url: &str,
     recipient: &str,
 ) -> Result<bool, OwnerError> {
-    let key = ObjectKey::new(OWNER_KEY).expect("constant key");
-    let mut owner = read_owner(storage, &key)
-        .await?
-        .ok_or_else(|| OwnerError::NoRepository {
-            url: url.to_owned(),
-        })?;
-    check_keys(&owner, storage, url)?;
-    let Some(encryption) = owner.encryption.as_mut() else {
-        return Err(OwnerError::Encryption {
-            url: url.to_owned(),
-            detail: "it is not encrypted, so it takes no recipients; create an encrypted \
-                     repository at a new URL with `pitr-agent init --encrypt-to age1...`"
-                .to_owned(),
-        });
-    };
-    if encryption.recipients.iter().any(|r| r == recipient) {
-        return Ok(false);
-    }
-    encryption.recipients.push(recipient.to_owned());
-    let body = serde_json::to_vec_pretty(&owner).expect("serializable");
-    storage
-        .put(&key, Bytes::from(body), PutMode::Overwrite)
-        .await?;
-    Ok(true)
+    update_record(storage, url, |owner| {
+        let Some(encryption) = owner.encryption.as_mut() else {
+            return Err(OwnerError::Encryption {
+                url: url.to_owned(),
+                detail: "it is not encrypted, so it takes no recipients; create an encrypted \
+                         repository at a new URL with `pitr-agent init --encrypt-to age1...`"
+                    .to_owned(),
+            });
+        };
+        if encryption.recipients.iter().any(|r| r == recipient) {
+            return Ok(false);
+        }
+        encryption.recipients.push(recipient.to_owned());
+        Ok(true)
+    })
+    .await
+}
+
+/// `init --object-lock`, once the bucket locks new objects
+/// ([`Storage::set_default_retention`]): records it, so that `prune` checks
+/// locks before deleting.
+///
+/// # Errors
+/// The record cannot be rewritten.
+pub async fn set_object_lock(
+    storage: &Storage,
+    url: &str,
+    lock: ObjectLock,
+) -> Result<(), OwnerError> {
+    update_record(storage, url, |owner| {
+        let changed = owner.object_lock.as_ref() != Some(&lock);
+        owner.object_lock = Some(lock);
+        Ok(changed)
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Makes sure `storage` belongs to the cluster `system_identifier`, claiming
