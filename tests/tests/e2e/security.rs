@@ -387,25 +387,7 @@ fn secrets_never_appear_in_outputs_logs_status_metrics_or_the_repository() {
 
     // A daemon cycle: /status, /metrics, its log.
     let port = free_port();
-    let mut daemon = setup
-        .agent(&[
-            "daemon",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--refresh",
-            "1s",
-            "--verify-schedule",
-            "",
-            "--backup-schedule",
-            "",
-        ])
-        .arg("--pgdata")
-        .arg(&setup.pg.data)
-        .env("PITR_REHEARSE_SCHEDULE", "")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
+    let daemon = super::daemon::start_daemon(&setup, port, &["--backup-schedule", ""]);
     for path in ["/status", "/metrics"] {
         let (_, body) = wait_for("the daemon to answer", Duration::from_secs(30), || {
             get(port, path).filter(|(c, _)| *c == 200)
@@ -415,12 +397,8 @@ fn secrets_never_appear_in_outputs_logs_status_metrics_or_the_repository() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", daemon.id())).unwrap_or_default();
     seen.push(("daemon arguments".to_owned(), cmdline));
     super::daemon::sigterm(&daemon);
-    let _ = daemon.wait();
-    let mut log = Vec::new();
-    if let Some(mut e) = daemon.stderr.take() {
-        let _ = std::io::Read::read_to_end(&mut e, &mut log);
-    }
-    seen.push(("daemon log".to_owned(), log));
+    let out = daemon.wait_with_output().expect("wait for the daemon");
+    seen.push(("daemon log".to_owned(), out.stderr));
 
     // A restore: its output, and the configuration it leaves (restore_command).
     let r = super::restore::Restored::new(&bin);
